@@ -1,0 +1,67 @@
+rule gram:
+    """Per-block Gram matrices of every layer of one store: computed once, used by every pair."""
+    input:
+        "results/activations/{run}/{view}.zarr",
+    output:
+        directory("results/gram/{run}/{view}.zarr"),
+    params:
+        estimator=STUDY.cka.estimator,
+        batch_size=STUDY.cka.batch_size,
+    log:
+        "results/logs/gram/{run}.{view}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "ckaflow gram --source {input} --out {output} --estimator {params.estimator}"
+        " --batch-size {params.batch_size} > {log} 2>&1"
+
+
+rule gram_labels:
+    """The one-hot eval labels as one more representation (class structure)."""
+    input:
+        STUDY.data_store(),
+    output:
+        directory("results/gram/labels.zarr"),
+    params:
+        estimator=STUDY.cka.estimator,
+        batch_size=STUDY.cka.batch_size,
+    log:
+        "results/logs/gram/labels.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "ckaflow gram --labels --source {input} --out {output} --estimator {params.estimator}"
+        " --batch-size {params.batch_size} > {log} 2>&1"
+
+
+def tile_of(w):
+    comparison = STUDY.comparisons[w.comparison]
+    return next(t for t in STUDY.tiles(comparison) if t.name == w.tile)
+
+
+def tile_range(w, axis):
+    rows, cols = STUDY.tile_ranges(tile_of(w))
+    r = rows if axis == "rows" else cols
+    return f"{r.start}:{r.stop}"
+
+
+rule cka_tile:
+    """CKA of one tile of layer pairs of one comparison, from the two sides' Gram stores."""
+    input:
+        a=lambda w: STUDY.gram(STUDY.comparisons[w.comparison].a),
+        b=lambda w: STUDY.gram(STUDY.comparisons[w.comparison].b),
+    output:
+        "results/cka/{comparison}/{tile}.parquet",
+    params:
+        kind=lambda w: STUDY.comparisons[w.comparison].kind,
+        rows=lambda w: tile_range(w, "rows"),
+        cols=lambda w: tile_range(w, "cols"),
+        estimator=STUDY.cka.estimator,
+    log:
+        "results/logs/cka/{comparison}.{tile}.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "ckaflow tile --comparison {wildcards.comparison} --kind {params.kind}"
+        " --a {input.a} --b {input.b} --rows {params.rows} --cols {params.cols}"
+        " --estimator {params.estimator} --out {output} > {log} 2>&1"

@@ -1,0 +1,3 @@
+from ckaflow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The `ckaflow` command line: one subcommand per stage, each a thin call of a library function.
+
+Snakemake rules call these; they work the same by hand. Heavy imports happen inside the
+subcommands so that `ckaflow --help` and the CKA stages stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _range(text: str) -> range:
+    start, _, stop = text.partition(":")
+    return range(int(start), int(stop))
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cmd_prepare(args) -> None:
+    from ckaflow import config, data
+
+    spec = json.loads(args.spec)
+    data.prepare(
+        config.DataSpec(**spec["data"]),
+        config.augment_spec_from_dict(spec["augment"]),
+        args.out,
+        chunk_rows=spec["chunk_rows"],
+    )
+
+
+def cmd_train(args) -> None:
+    from ckaflow import config
+    from ckaflow.train import train_run
+
+    _set_threads(args.threads)
+    spec = json.loads(args.spec)
+    train_run(
+        config.run_spec_from_dict(spec["run"]),
+        config.augment_spec_from_dict(spec["augment"]),
+        args.data,
+        args.out_dir,
+        device=args.device,
+        log=lambda line: print(line, flush=True),
+    )
+
+
+def cmd_extract(args) -> None:
+    from ckaflow.activations import extract
+
+    _set_threads(args.threads)
+    extract(
+        args.model,
+        args.data,
+        args.view,
+        args.out,
+        batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows,
+        device=args.device,
+    )
+
+
+def cmd_gram(args) -> None:
+    from ckaflow.cka.gram import gram_store, label_gram_store
+
+    if args.labels:
+        label_gram_store(args.source, args.out, args.estimator, args.batch_size)
+    else:
+        gram_store(args.source, args.out, args.estimator, args.batch_size)
+
+
+def cmd_tile(args) -> None:
+    from ckaflow.cka.tiles import compute_tile
+
+    compute_tile(
+        args.comparison, args.kind, args.a, args.b, args.rows, args.cols, args.estimator, args.out
+    )
+
+
+def cmd_merge(args) -> None:
+    from ckaflow.tables import merge_tiles
+
+    table = merge_tiles(args.tiles, args.out, args.config_hash)
+    print(f"{args.out}: {len(table)} rows from {len(args.tiles)} tiles")
+
+
+def cmd_plot(args) -> None:
+    from ckaflow.plots import plot_all
+
+    for path in plot_all(args.table, args.out_dir):
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ckaflow", description="Layer-by-layer CKA of SimCLR and supervised networks."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def stage(name: str, func, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    def torch_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+    p = stage("prepare", cmd_prepare, "prepare the data store (subsets and eval views)")
+    p.add_argument("--spec", required=True, help="JSON: {data, augment, chunk_rows}")
+    p.add_argument("--out", required=True)
+
+    p = stage("train", cmd_train, "train one run (resumes from its checkpoint)")
+    p.add_argument("--spec", required=True, help="JSON: {run, augment}")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out-dir", required=True)
+    torch_options(p)
+
+    p = stage("extract", cmd_extract, "store every layer's activations for one view")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--view", required=True, choices=["clean", "aug1", "aug2"])
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk-rows", type=int, default=256)
+    torch_options(p)
+
+    p = stage("gram", cmd_gram, "Gram statistics of every layer of a store (or of the labels)")
+    p.add_argument("--source", required=True, help="activation store, or data store (--labels)")
+    p.add_argument("--labels", action="store_true", help="use the one-hot eval labels")
+    p.add_argument("--out", required=True)
+    p.add_argument("--estimator", default="minibatch", choices=["minibatch", "linear", "debiased"])
+    p.add_argument("--batch-size", type=int, default=256)
+
+    p = stage("tile", cmd_tile, "CKA of a tile of layer pairs from two Gram stores")
+    p.add_argument("--comparison", required=True)
+    p.add_argument("--kind", required=True)
+    p.add_argument("--a", required=True, help="Gram store of the row side")
+    p.add_argument("--b", required=True, help="Gram store of the column side")
+    p.add_argument("--rows", type=_range, required=True, help="layer index range START:STOP")
+    p.add_argument("--cols", type=_range, required=True, help="layer index range START:STOP")
+    p.add_argument("--estimator", default="minibatch", choices=["minibatch", "linear", "debiased"])
+    p.add_argument("--out", required=True)
+
+    p = stage("merge", cmd_merge, "merge CKA tiles into the tidy table")
+    p.add_argument("--out", required=True)
+    p.add_argument("--config-hash", required=True)
+    p.add_argument("tiles", nargs="+")
+
+    p = stage("plot", cmd_plot, "figures from the tidy table")
+    p.add_argument("--table", required=True)
+    p.add_argument("--out-dir", required=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ckaflow.errors import CkaflowError
+
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    try:
+        args.func(args)
+    except CkaflowError as err:
+        print(f"ckaflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    print(f"ckaflow {args.command}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return 0

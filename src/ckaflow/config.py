@@ -1,0 +1,188 @@
+"""The study configuration: schema validation with defaults, then frozen dataclasses.
+
+The schema (`schema/config.schema.yaml`) is the single source of truth for keys, types, ranges
+and defaults; Snakemake validates against the same file before any job runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from ckaflow.errors import ConfigError
+
+METHODS = ("simclr", "supervised")
+VIEWS = ("clean", "aug1", "aug2")
+
+
+def schema_path() -> Path:
+    return Path(str(resources.files("ckaflow") / "schema" / "config.schema.yaml"))
+
+
+def load_schema() -> dict[str, Any]:
+    return yaml.safe_load(schema_path().read_text())
+
+
+def _validator_with_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
+    """A validator that fills in `default` values as it descends, nested objects included."""
+    base = jsonschema.validators.validator_for(schema)
+    validate_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for key, sub in properties.items():
+                if key not in instance and "default" in sub:
+                    instance[key] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    cls = jsonschema.validators.extend(base, {"properties": set_defaults})
+    return cls(schema)
+
+
+def validate(raw: dict[str, Any] | None, source: str = "config") -> dict[str, Any]:
+    """Validate a raw config mapping, fill defaults, and return the completed copy.
+
+    Raises ConfigError naming the key, the value and what is allowed.
+    """
+    config = copy.deepcopy(raw or {})
+    validator = _validator_with_defaults(load_schema())
+    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = []
+        for err in errors:
+            key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+            lines.append(f"  {key}: {err.message}")
+        raise ConfigError(f"{source} is not a valid ckaflow study:\n" + "\n".join(lines))
+    return config
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    return validate(raw, source=str(path))
+
+
+def stable_hash(obj: Any) -> str:
+    """Short hash of a JSON-serialisable object, independent of key order."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed, frozen views of the parts each stage needs.
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str
+    root: str
+    train_size: int
+    eval_size: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    crop_scale: tuple[float, float]
+    flip_p: float
+    jitter_strength: float
+    jitter_p: float
+    grayscale_p: float
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    width: int
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    warmup_epochs: int
+    temperature: float
+    proj_dim: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One trained model: method × architecture × seed with its recipe."""
+
+    method: str
+    model: ModelSpec
+    seed: int
+    recipe: RecipeSpec
+
+    @property
+    def run_id(self) -> str:
+        return run_id(self.method, self.model, self.seed)
+
+
+@dataclass(frozen=True)
+class CkaSpec:
+    estimator: str
+    batch_size: int
+    tile_layers: int
+    comparisons: tuple[str, ...]
+
+
+def run_id(method: str, model: ModelSpec, seed: int) -> str:
+    width = "" if model.width == 64 else f"-w{model.width}"
+    return f"{method}-{model.arch}{width}-s{seed}"
+
+
+def data_spec(cfg: dict[str, Any]) -> DataSpec:
+    return DataSpec(**cfg["data"])
+
+
+def augment_spec(cfg: dict[str, Any]) -> AugmentSpec:
+    aug = dict(cfg["augment"])
+    aug["crop_scale"] = tuple(aug["crop_scale"])
+    return AugmentSpec(**aug)
+
+
+def model_spec(cfg: dict[str, Any]) -> ModelSpec:
+    return ModelSpec(**cfg["model"])
+
+
+def cka_spec(cfg: dict[str, Any]) -> CkaSpec:
+    cka = dict(cfg["cka"])
+    cka["comparisons"] = tuple(cka["comparisons"])
+    return CkaSpec(**cka)
+
+
+def run_specs(cfg: dict[str, Any]) -> list[RunSpec]:
+    model = model_spec(cfg)
+    return [
+        RunSpec(method, model, seed, RecipeSpec(**cfg["recipes"][method]))
+        for method in cfg["methods"]
+        for seed in cfg["seeds"]
+    ]
+
+
+def to_jsonable(spec: Any) -> Any:
+    return asdict(spec)
+
+
+def run_spec_from_dict(d: dict[str, Any]) -> RunSpec:
+    return RunSpec(d["method"], ModelSpec(**d["model"]), d["seed"], RecipeSpec(**d["recipe"]))
+
+
+def augment_spec_from_dict(d: dict[str, Any]) -> AugmentSpec:
+    return augment_spec({"augment": d})

@@ -1,0 +1,69 @@
+"""The layer registry: stable names, kinds and order of every recorded layer, without torch.
+
+Names follow DESIGN.md. For residual block `layer<s>.<b>`:
+  `.relu1`, `.relu2`  block-interior, after each inner ReLU (basic blocks have only `.relu1`)
+  `.residual`         the residual branch just before the addition (the paper's "odd" layers)
+  `.out`              after the addition and the ReLU (the paper's "even", post-residual layers)
+plus `stem`, `pool` (global average pool) and the heads: `head.<i>` for the SimCLR projector,
+`fc` for the supervised classifier. The order is the order of the forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# arch -> (block type, blocks per stage)
+ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
+    "resnet18": ("basic", (2, 2, 2, 2)),
+    "resnet34": ("basic", (3, 4, 6, 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3)),
+}
+
+HEAD_STAGE = len(next(iter(ARCHS.values()))[1]) + 1  # pool and heads sit after the last stage
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    kind: str  # stem | relu1 | relu2 | residual | out | pool | head | fc
+    stage: int  # 0 for the stem, 1.. for residual stages, HEAD_STAGE for pool and heads
+    block: int  # block index inside its stage, -1 where there is none
+    index: int  # position in forward order
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_layer_kinds(block_type: str) -> tuple[str, ...]:
+    if block_type == "basic":
+        return ("relu1", "residual", "out")
+    return ("relu1", "relu2", "residual", "out")
+
+
+def head_layer_names(method: str) -> list[str]:
+    """The projector's hidden activation and output (SimCLR), or the classifier (supervised)."""
+    if method == "simclr":
+        return ["head.0", "head.1"]
+    if method == "supervised":
+        return ["fc"]
+    raise ValueError(f"unknown method {method!r}; expected 'simclr' or 'supervised'")
+
+
+def layer_registry(arch: str, method: str) -> list[Layer]:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHS)}")
+    block_type, blocks = ARCHS[arch]
+    entries: list[tuple[str, str, int, int]] = [("stem", "stem", 0, -1)]
+    for stage, n_blocks in enumerate(blocks, start=1):
+        for block in range(n_blocks):
+            for kind in block_layer_kinds(block_type):
+                entries.append((f"layer{stage}.{block}.{kind}", kind, stage, block))
+    entries.append(("pool", "pool", HEAD_STAGE, -1))
+    for name in head_layer_names(method):
+        entries.append((name, name.split(".")[0], HEAD_STAGE, -1))
+    return [Layer(n, k, s, b, i) for i, (n, k, s, b) in enumerate(entries)]
+
+
+def label_layer() -> Layer:
+    """The one-hot labels, compared like any layer (class structure)."""
+    return Layer("labels", "labels", -1, -1, 0)

@@ -1,0 +1,151 @@
+"""ResNets built from torchvision's blocks, and hooks that record every registered layer.
+
+The CIFAR stem (3x3 conv, stride 1, no max-pool) is used for inputs up to 64 px, as in SimCLR's
+CIFAR experiments. `width` is the channel count of the first stage (64 = standard ResNet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from ckaflow.config import ModelSpec
+from ckaflow.layers import ARCHS, Layer, head_layer_names, layer_registry
+
+CIFAR_STEM_MAX_SIZE = 64
+
+
+class Encoder(ResNet):
+    """torchvision's ResNet with a width multiplier, 1- or 3-channel input and the CIFAR stem;
+    `fc` is an identity, so the output is the pooled feature vector."""
+
+    def __init__(self, arch: str, width: int, in_channels: int, image_size: int):
+        nn.Module.__init__(self)
+        block_type, blocks = ARCHS[arch]
+        block = BasicBlock if block_type == "basic" else Bottleneck
+        self._norm_layer = nn.BatchNorm2d
+        self.inplanes = width
+        self.dilation = 1
+        self.groups = 1
+        self.base_width = 64  # torchvision's Bottleneck scales inner width by base_width / 64
+        if image_size <= CIFAR_STEM_MAX_SIZE:
+            self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, width, blocks[0])
+        self.layer2 = self._make_layer(block, 2 * width, blocks[1], stride=2)
+        self.layer3 = self._make_layer(block, 4 * width, blocks[2], stride=2)
+        self.layer4 = self._make_layer(block, 8 * width, blocks[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        self.feature_dim = 8 * width * block.expansion
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def projection_head(in_dim: int, out_dim: int) -> nn.Sequential:
+    """SimCLR v1 projector: Linear -> BN -> ReLU -> Linear. Registry: head.0 (hidden), head.1."""
+    return nn.Sequential(
+        nn.Linear(in_dim, in_dim, bias=False),
+        nn.BatchNorm1d(in_dim),
+        nn.ReLU(),
+        nn.Linear(in_dim, out_dim),
+    )
+
+
+class Network(nn.Module):
+    """Encoder plus the method's head (projector or classifier)."""
+
+    def __init__(self, method: str, spec: ModelSpec, in_channels: int, image_size: int, out: int):
+        super().__init__()
+        self.method = method
+        self.arch = spec.arch
+        self.encoder = Encoder(spec.arch, spec.width, in_channels, image_size)
+        if method == "simclr":
+            self.head: nn.Module = projection_head(self.encoder.feature_dim, out)
+        else:
+            self.head = nn.Linear(self.encoder.feature_dim, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+    def registry(self) -> list[Layer]:
+        return layer_registry(self.arch, self.method)
+
+
+def _hook_points(net: Network) -> dict[str, tuple[nn.Module, str]]:
+    """Registered layer name -> (module, 'output' | 'input') whose tensor *is* that layer.
+
+    Hooks sit on modules called exactly once per forward: torchvision's blocks reuse one
+    in-place ReLU, so `.relu1`/`.relu2` are the inputs of the next conv, and `.residual` is the
+    last BatchNorm's output (copied before the in-place `out += identity`).
+    """
+    enc = net.encoder
+    points: dict[str, tuple[nn.Module, str]] = {"stem": (enc.maxpool, "output")}
+    for stage in range(1, 5):
+        for b, block in enumerate(getattr(enc, f"layer{stage}")):
+            prefix = f"layer{stage}.{b}"
+            points[f"{prefix}.relu1"] = (block.conv2, "input")
+            if isinstance(block, Bottleneck):
+                points[f"{prefix}.relu2"] = (block.conv3, "input")
+                points[f"{prefix}.residual"] = (block.bn3, "output")
+            else:
+                points[f"{prefix}.residual"] = (block.bn2, "output")
+            points[f"{prefix}.out"] = (block, "output")
+    points["pool"] = (enc.avgpool, "output")
+    heads = head_layer_names(net.method)
+    if net.method == "simclr":
+        points[heads[0]] = (net.head[2], "output")
+        points[heads[1]] = (net.head[3], "output")
+    else:
+        points[heads[0]] = (net.head, "output")
+    return points
+
+
+@contextlib.contextmanager
+def record_layers(
+    net: Network, names: list[str] | None = None
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Within the context, each forward pass fills the yielded dict with a detached copy of every
+    requested layer, flattened to (batch, features)."""
+    points = _hook_points(net)
+    wanted = [layer.name for layer in net.registry()] if names is None else names
+    unknown = sorted(set(wanted) - set(points))
+    if unknown:
+        raise KeyError(f"unknown layers {unknown}; the registry has {list(points)}")
+    captured: dict[str, torch.Tensor] = {}
+    handles = []
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        captured[name] = tensor.detach().flatten(1).clone()
+
+    for name in wanted:
+        module, where = points[name]
+        if where == "input":
+            handles.append(
+                module.register_forward_pre_hook(lambda m, args, n=name: keep(n, args[0]))
+            )
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, out, n=name: keep(n, out)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda was requested but no CUDA GPU is visible")
+    return torch.device(device)
