@@ -34,17 +34,6 @@ rule gram_labels:
         " --batch-size {params.batch_size} > {log} 2>&1"
 
 
-def tile_of(w):
-    comparison = STUDY.comparisons[w.comparison]
-    return next(t for t in STUDY.tiles(comparison) if t.name == w.tile)
-
-
-def tile_range(w, axis):
-    rows, cols = STUDY.tile_ranges(tile_of(w))
-    r = rows if axis == "rows" else cols
-    return f"{r.start}:{r.stop}"
-
-
 rule cka_tile:
     """CKA of one tile of layer pairs of one comparison, from the two sides' Gram stores."""
     input:

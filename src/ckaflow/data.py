@@ -211,7 +211,7 @@ def make_views(
 ) -> dict[str, np.ndarray]:
     """The eval views: `clean` as is, `aug1`/`aug2` SimCLR-augmented, seeded per example."""
     views = {"clean": images}
-    pixels = torch.from_numpy(images).float() / 255
+    pixels = torch.from_numpy(np.array(images)).float() / 255
     for stream, name in enumerate(VIEWS[1:], start=1):
         params = augment.sample_simclr_per_example(example_ids, aug, seed, stream)
         out = augment.simclr_view(pixels, params)

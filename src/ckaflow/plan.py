@@ -99,6 +99,12 @@ class Study:
         cols = math.ceil(len(self.layers(comparison.b)) / t)
         return [Tile(comparison, r, c) for r in range(rows) for c in range(cols)]
 
+    def tile(self, comparison_id: str, name: str) -> Tile:
+        for tile in self.tiles(self.comparisons[comparison_id]):
+            if tile.name == name:
+                return tile
+        raise KeyError(f"comparison {comparison_id} has no tile {name}")
+
     def tile_ranges(self, tile: Tile) -> tuple[range, range]:
         t = self.cka.tile_layers
         n_a = len(self.layers(tile.comparison.a))

@@ -70,7 +70,10 @@ def hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:
 
 
 def _cka(hsic_xy: float, hsic_xx: float, hsic_yy: float) -> float:
-    return hsic_xy / np.sqrt(hsic_xx * hsic_yy)
+    """HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L)); NaN (never a clamped number) when a side is
+    constant and its HSIC is zero."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.float64(hsic_xy) / np.sqrt(np.float64(hsic_xx) * hsic_yy))
 
 
 def linear_cka(x, y, *, debiased: bool = False) -> float:

@@ -112,11 +112,6 @@ def train_run(
         if run.method == "supervised":
             row["train_accuracy"] = correct / seen
         rows.append(row)
-        log(
-            f"{run.run_id} epoch {epoch + 1}/{run.recipe.epochs} loss {row['loss']:.4f} "
-            f"{row['images_per_s']:.0f} img/s "
-            f"eta {(run.recipe.epochs - epoch - 1) * seconds:.0f}s"
-        )
         checkpoint.save(
             ckpt_path,
             {
@@ -127,6 +122,11 @@ def train_run(
                 "metrics": rows,
                 "spec_hash": spec_hash,
             },
+        )
+        log(
+            f"{run.run_id} epoch {epoch + 1}/{run.recipe.epochs} loss {row['loss']:.4f} "
+            f"{row['images_per_s']:.0f} img/s "
+            f"eta {(run.recipe.epochs - epoch - 1) * seconds:.0f}s"
         )
 
     # final quality: weighted kNN of pooled features, train subset as the memory bank

@@ -1,0 +1,43 @@
+# The two set-up commands of the README:
+#   make demo   install everything, then run the CPU demo study (config.yaml)
+#   make test   install everything, then run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+CORES ?= 2
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: install data demo test lint clean
+
+install: $(VENV)/.installed data
+
+# torch and torchvision resolve to whatever pip finds (on the dev machines: local wheels)
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[dev]'
+	# 20 real CIFAR-10 test images for the CIFAR-10 loader's tests (no deps: only the PNGs)
+	$(VENV)/bin/pip install --quiet --no-deps foolbox==3.3.4
+	touch $@
+
+data: $(FASHION_MNIST)
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update -qq
+	$(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
+
+demo: install
+	snakemake --cores $(CORES)
+	@echo "results: results/tables/cka.parquet, results/figures/*.png"
+
+test: install
+	pytest -q
+
+lint: install
+	ruff check .
+	ruff format --check .
+	snakemake --lint
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,15 @@
+import json
+import shlex
+
+
+def spec(obj):
+    """A JSON argument for the command line, shell-quoted. Used as a param, so that a rule
+    reruns when (and only when) the part of the config it depends on changes."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def tile_range(wildcards, axis):
+    """START:STOP of the layers on one axis ("rows" or "cols") of the tile in the wildcards."""
+    rows, cols = STUDY.tile_ranges(STUDY.tile(wildcards.comparison, wildcards.tile))
+    span = rows if axis == "rows" else cols
+    return f"{span.start}:{span.stop}"

@@ -1,0 +1,62 @@
+import pytest
+
+from ckaflow import config
+from ckaflow.errors import ConfigError
+
+
+def test_defaults_fill_every_section():
+    cfg = config.validate({})
+    assert cfg["cka"]["estimator"] == "minibatch"
+    assert cfg["recipes"]["simclr"]["temperature"] == 0.5
+    assert cfg["data"]["name"] == "fashion-mnist"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match="'modle' was unexpected"):
+        config.validate({"modle": {"arch": "resnet18"}})
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigError, match=r"data\.train_size: 'many' is not of type 'integer'"):
+        config.validate({"data": {"train_size": "many"}})
+
+
+def test_out_of_range_names_key_and_limit():
+    with pytest.raises(ConfigError, match=r"cka\.batch_size: 2 is less than the minimum of 4"):
+        config.validate({"cka": {"batch_size": 2}})
+
+
+def test_unknown_estimator_lists_the_allowed_ones():
+    with pytest.raises(ConfigError, match=r"cka\.estimator: 'rbf2' is not one of"):
+        config.validate({"cka": {"estimator": "rbf2"}})
+
+
+def test_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "nope.yaml")
+
+
+def test_run_ids_are_readable_and_stable():
+    cfg = config.validate({"model": {"arch": "resnet50"}, "seeds": [0, 3]})
+    ids = [run.run_id for run in config.run_specs(cfg)]
+    assert ids == [
+        "simclr-resnet50-s0",
+        "simclr-resnet50-s3",
+        "supervised-resnet50-s0",
+        "supervised-resnet50-s3",
+    ]
+    narrow = config.validate({"model": {"width": 8}, "methods": ["simclr"]})
+    assert config.run_specs(narrow)[0].run_id == "simclr-resnet18-w8-s0"
+
+
+def test_stable_hash_ignores_key_order_but_not_values():
+    assert config.stable_hash({"a": 1, "b": 2}) == config.stable_hash({"b": 2, "a": 1})
+    assert config.stable_hash({"a": 1}) != config.stable_hash({"a": 2})
+
+
+def test_demo_config_is_valid():
+    from tests.conftest import REPO
+
+    cfg = config.load(REPO / "config.yaml")
+    assert set(cfg["methods"]) == {"simclr", "supervised"}
+    assert 1500 <= cfg["data"]["eval_size"] <= 2500

@@ -1,0 +1,111 @@
+"""The gram and tile stages on real activation stores, checked against the plain estimators."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from ckaflow import cka
+from ckaflow.activations import open_store
+from ckaflow.cka.gram import gram_store, label_gram_store, open_gram
+from ckaflow.cka.tiles import compute_tile
+from ckaflow.data import open_prepared
+from ckaflow.errors import StoreError, TileError
+from ckaflow.tables import COLUMNS
+
+
+@pytest.fixture(scope="module")
+def grams(activations, prepared, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gram")
+    out = {
+        key: gram_store(path, root / f"{key[0]}.{key[1]}.zarr", "minibatch", 64)
+        for key, path in activations.items()
+    }
+    out["labels"] = label_gram_store(prepared, root / "labels.zarr", "minibatch", 64)
+    return out
+
+
+def test_gram_store_keeps_blocks_and_provenance(grams, study_config):
+    store = open_gram(grams[("simclr", "clean")])
+    n = study_config["data"]["eval_size"]  # 160 = 64 + 64 + 32
+    assert store.attrs["block_rows"] == [64, 64, 32]
+    assert store["stem"].shape == (3, 64, 64)
+    assert store["stem"].dtype == np.float64
+    assert store.attrs["complete"] and store.attrs["code_version"]
+    assert sum(store.attrs["block_rows"]) == n
+
+
+def test_tile_equals_minibatch_cka_on_the_raw_activations(grams, activations, tmp_path):
+    out = tmp_path / "tile.parquet"
+    compute_tile(
+        "cross-test",
+        "cross",
+        str(grams[("simclr", "clean")]),
+        str(grams[("supervised", "clean")]),
+        range(0, 6),
+        range(3, 9),
+        "minibatch",
+        str(out),
+    )
+    tile = pd.read_parquet(out)
+    assert list(tile.columns) == [c for c in COLUMNS]
+    assert len(tile) == 36
+    a = open_store(activations[("simclr", "clean")])
+    b = open_store(activations[("supervised", "clean")])
+    for row in tile.sample(8, random_state=0).itertuples():
+        expected = cka.minibatch_cka(a[row.layer_a][...], b[row.layer_b][...], batch_size=64)
+        assert row.value == pytest.approx(expected, abs=1e-8)
+    assert set(tile["method_a"]) == {"simclr"} and set(tile["method_b"]) == {"supervised"}
+
+
+def test_class_tile_against_one_hot_labels(grams, activations, prepared, tmp_path):
+    out = tmp_path / "class.parquet"
+    compute_tile(
+        "class-test",
+        "class",
+        str(grams[("supervised", "clean")]),
+        str(grams["labels"]),
+        range(24, 27),
+        range(0, 1),
+        "minibatch",
+        str(out),
+    )
+    tile = pd.read_parquet(out)
+    assert tile["layer_b"].tolist() == ["labels"] * 3
+    labels = cka.one_hot(open_prepared(prepared).eval_labels(), 10)
+    fc = open_store(activations[("supervised", "clean")])["fc"][...]
+    value = tile.set_index("layer_a").loc["fc", "value"]
+    assert value == pytest.approx(cka.minibatch_cka(fc, labels, batch_size=64), abs=1e-8)
+
+
+def test_sides_with_different_examples_are_refused(grams, tmp_path):
+    import shutil
+
+    other = tmp_path / "other.zarr"
+    shutil.copytree(grams[("simclr", "aug1")], other)
+    group = zarr.open_group(other, mode="r+")
+    group.attrs["example_ids"] = list(reversed(group.attrs["example_ids"]))
+    with pytest.raises(TileError, match="different examples or a different row order"):
+        compute_tile(
+            "x",
+            "cross",
+            str(grams[("simclr", "clean")]),
+            str(other),
+            range(0, 1),
+            range(0, 1),
+            "minibatch",
+            str(tmp_path / "t.parquet"),
+        )
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_nan_activations_are_refused_naming_the_layer(activations, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken.zarr"
+    shutil.copytree(activations[("simclr", "clean")], broken)
+    arr = zarr.open_array(broken / "layer2.0.out", mode="r+")
+    arr[5, 3] = np.nan
+    with pytest.raises(StoreError, match=r"layer layer2\.0\.out: 1 non-finite"):
+        gram_store(broken, tmp_path / "g.zarr", "minibatch", 64)
+    assert not (tmp_path / "g.zarr").exists()

@@ -1,0 +1,46 @@
+import pandas as pd
+import pytest
+
+from ckaflow.plan import Study
+from ckaflow.tables import merge_tiles
+from tests.conftest import tiny_config
+
+
+def test_comparisons_cover_the_study():
+    study = Study(tiny_config(seeds=[0, 1]))
+    kinds = pd.Series([c.kind for c in study.comparisons.values()]).value_counts().to_dict()
+    assert kinds == {"within": 4, "invariance": 4, "class": 4, "cross": 6}
+    assert ("simclr-resnet18-w4-s0", "aug2") in study.run_views()
+
+
+def test_tiles_cover_every_layer_pair_exactly_once():
+    study = Study(tiny_config())
+    for comparison in study.comparisons.values():
+        pairs = []
+        for tile in study.tiles(comparison):
+            rows, cols = study.tile_ranges(tile)
+            assert len(rows) <= study.cka.tile_layers and len(cols) <= study.cka.tile_layers
+            pairs += [(i, j) for i in rows for j in cols]
+        n_a, n_b = len(study.layers(comparison.a)), len(study.layers(comparison.b))
+        assert sorted(pairs) == [(i, j) for i in range(n_a) for j in range(n_b)]
+
+
+def test_only_requested_comparisons_and_their_views():
+    study = Study(tiny_config(cka={"comparisons": ["within"]}))
+    assert {c.kind for c in study.comparisons.values()} == {"within"}
+    assert {view for _, view in study.run_views()} == {"clean"}
+
+
+def test_merge_refuses_duplicate_pairs_and_missing_columns(tmp_path):
+    from ckaflow.tables import COLUMNS
+
+    row = {c: 0 for c in COLUMNS} | {"comparison": "c", "layer_a": "x", "layer_b": "y"}
+    tile = tmp_path / "t.parquet"
+    pd.DataFrame([row]).to_parquet(tile)
+    with pytest.raises(ValueError, match="more than one tile"):
+        merge_tiles([tile, tile], tmp_path / "out.parquet", "h")
+    old = tmp_path / "old.parquet"
+    pd.DataFrame([{"comparison": "c", "value": 1.0}]).to_parquet(old)
+    with pytest.raises(ValueError, match="lack columns"):
+        merge_tiles([old], tmp_path / "out.parquet", "h")
+    assert not (tmp_path / "out.parquet").exists()

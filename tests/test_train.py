@@ -1,0 +1,73 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from ckaflow import config
+from ckaflow.train import train_run
+from ckaflow.train.loop import load_network
+from ckaflow.train.losses import nt_xent
+from tests.conftest import tiny_config
+
+
+def test_nt_xent_prefers_aligned_pairs():
+    z = torch.randn(8, 16)
+    aligned = nt_xent(z, z + 0.01 * torch.randn(8, 16), temperature=0.5)
+    shuffled = nt_xent(z, z[torch.randperm(8)], temperature=0.5)
+    assert aligned < shuffled
+    # with all 2N views identical, every logit ties: loss = log(2N - 1)
+    flat = nt_xent(torch.ones(4, 3), torch.ones(4, 3), temperature=0.5)
+    assert flat.item() == pytest.approx(math.log(7), rel=1e-6)
+
+
+def test_training_writes_model_and_metrics(trained):
+    for method, model_path in trained.items():
+        net, meta = load_network(model_path)
+        assert meta["run_spec"]["method"] == method
+        assert meta["code_version"] and meta["spec_hash"]
+        metrics = pd.read_parquet(model_path.parent / "metrics.parquet")
+        assert metrics["loss"].notna().all() and (metrics["loss"] > 0).all()
+        assert 0 <= metrics["knn_accuracy"].iloc[-1] <= 1
+        assert not (model_path.parent / ".model.pt.partial").exists()
+
+
+def _weights(path):
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_crash_after_an_epoch_resumes_to_identical_weights(prepared, tmp_path):
+    cfg = tiny_config(recipes={"supervised": {"epochs": 2, "batch_size": 64, "lr": 0.05}})
+    run = next(r for r in config.run_specs(cfg) if r.method == "supervised")
+    aug = config.augment_spec(cfg)
+    straight = train_run(run, aug, prepared, tmp_path / "straight", device="cpu", log=print)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_first_epoch(line):
+        if "epoch 1/2" in line:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train_run(
+            run, aug, prepared, tmp_path / "resumed", device="cpu", log=crash_after_first_epoch
+        )
+    assert (tmp_path / "resumed" / "checkpoint.pt").exists()
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+    lines = []
+    resumed = train_run(run, aug, prepared, tmp_path / "resumed", device="cpu", log=lines.append)
+    assert any("resumed" in line and "from epoch 1" in line for line in lines)
+    a, b = _weights(straight), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_simclr_trains_on_real_images(prepared, tmp_path):
+    """A few SimCLR steps on real images lower the contrastive loss."""
+    cfg = tiny_config(
+        recipes={"simclr": {"epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 3e-3}}
+    )
+    run = next(r for r in config.run_specs(cfg) if r.method == "simclr")
+    train_run(run, config.augment_spec(cfg), prepared, tmp_path, device="cpu", log=print)
+    losses = pd.read_parquet(tmp_path / "metrics.parquet")["loss"].tolist()
+    assert losses[-1] < losses[0]

@@ -1,0 +1,91 @@
+"""The real Snakemake workflow, end to end, on a tiny study of real Fashion-MNIST images."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ckaflow.tables import COLUMNS
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "workflow" / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        "--cores",
+        "2",
+        *args,
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, fashion_root) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    snakemake(workdir)
+    return workdir
+
+
+@pytest.mark.e2e
+def test_table_has_the_documented_schema(finished):
+    table = pd.read_parquet(finished / "results" / "tables" / "cka.parquet")
+    assert list(table.columns) == [*COLUMNS, "config_hash", "merged_by"]
+    assert set(table["kind"]) == {"within", "cross", "invariance", "class"}
+    assert set(table["method_a"]) == {"simclr", "supervised"}
+    assert set(table["estimator"]) == {"minibatch"}
+    assert (table["n"] == 300).all()
+    csv = pd.read_csv(finished / "results" / "tables" / "cka.csv")
+    assert len(csv) == len(table)
+
+
+@pytest.mark.e2e
+def test_every_layer_with_itself_is_one_and_every_value_finite(finished):
+    table = pd.read_parquet(finished / "results" / "tables" / "cka.parquet")
+    assert np.isfinite(table["value"]).all()
+    diagonal = table[(table["kind"] == "within") & (table["layer_a"] == table["layer_b"])]
+    assert len(diagonal) == 28 + 27  # every layer of both runs
+    np.testing.assert_allclose(diagonal["value"], 1.0, atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_class_structure_and_invariance_are_compared(finished):
+    table = pd.read_parquet(finished / "results" / "tables" / "cka.parquet")
+    classes = table[table["kind"] == "class"]
+    assert set(classes["layer_b"]) == {"labels"}
+    assert len(classes) == 28 + 27
+    invariance = table[table["kind"] == "invariance"]
+    assert set(zip(invariance["view_a"], invariance["view_b"], strict=True)) == {("aug1", "aug2")}
+    per_layer = invariance[invariance["layer_a"] == invariance["layer_b"]]
+    assert len(per_layer) == 28 + 27
+
+
+@pytest.mark.e2e
+def test_figures_and_artifacts_exist(finished):
+    figures = sorted(p.name for p in (finished / "results" / "figures").glob("*.png"))
+    assert "class.png" in figures and "invariance.png" in figures
+    assert sum(name.startswith("within-") for name in figures) == 2
+    assert sum(name.startswith("cross-") for name in figures) == 1
+    assert all((finished / "results" / "figures" / f).stat().st_size > 10_000 for f in figures)
+    assert list((finished / "results" / "activations").glob("*/aug2.zarr"))
+
+
+@pytest.mark.e2e
+def test_second_run_has_nothing_to_do(finished):
+    result = snakemake(finished, "--dry-run")
+    assert "Nothing to be done" in result.stdout + result.stderr
