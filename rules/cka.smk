@@ -7,13 +7,14 @@ rule gram:
     params:
         estimator=STUDY.cka.estimator,
         batch_size=STUDY.cka.batch_size,
+        device=config["device"],
     log:
         "results/logs/gram/{run}.{view}.log",
     conda:
         CONDA_ENV
     shell:
         "ckaflow gram --source {input} --out {output} --estimator {params.estimator}"
-        " --batch-size {params.batch_size} > {log} 2>&1"
+        " --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
 
 
 rule gram_labels:
@@ -46,6 +47,8 @@ rule cka_tile:
         rows=lambda w: tile_range(w, "rows"),
         cols=lambda w: tile_range(w, "cols"),
         estimator=STUDY.cka.estimator,
+        bootstrap=STUDY.cka.bootstrap,
+        seed=config["data"]["seed"],
     log:
         "results/logs/cka/{comparison}.{tile}.log",
     conda:
@@ -53,4 +56,5 @@ rule cka_tile:
     shell:
         "ckaflow tile --comparison {wildcards.comparison} --kind {params.kind}"
         " --a {input.a} --b {input.b} --rows {params.rows} --cols {params.cols}"
-        " --estimator {params.estimator} --out {output} > {log} 2>&1"
+        " --estimator {params.estimator} --bootstrap {params.bootstrap} --seed {params.seed}"
+        " --out {output} > {log} 2>&1"

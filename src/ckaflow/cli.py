@@ -11,6 +11,9 @@ import json
 import sys
 import time
 
+# the CKA estimators, without importing the numeric code (kept in step by tests/test_cli.py)
+ESTIMATORS = ["minibatch", "linear", "debiased", "rbf"]
+
 
 def _range(text: str) -> range:
     start, _, stop = text.partition(":")
@@ -73,14 +76,23 @@ def cmd_gram(args) -> None:
     if args.labels:
         label_gram_store(args.source, args.out, args.estimator, args.batch_size)
     else:
-        gram_store(args.source, args.out, args.estimator, args.batch_size)
+        gram_store(args.source, args.out, args.estimator, args.batch_size, device=args.device)
 
 
 def cmd_tile(args) -> None:
     from ckaflow.cka.tiles import compute_tile
 
     compute_tile(
-        args.comparison, args.kind, args.a, args.b, args.rows, args.cols, args.estimator, args.out
+        args.comparison,
+        args.kind,
+        args.a,
+        args.b,
+        args.rows,
+        args.cols,
+        args.estimator,
+        args.out,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
     )
 
 
@@ -136,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="activation store, or data store (--labels)")
     p.add_argument("--labels", action="store_true", help="use the one-hot eval labels")
     p.add_argument("--out", required=True)
-    p.add_argument("--estimator", default="minibatch", choices=["minibatch", "linear", "debiased"])
+    p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
     p = stage("tile", cmd_tile, "CKA of a tile of layer pairs from two Gram stores")
     p.add_argument("--comparison", required=True)
@@ -146,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--b", required=True, help="Gram store of the column side")
     p.add_argument("--rows", type=_range, required=True, help="layer index range START:STOP")
     p.add_argument("--cols", type=_range, required=True, help="layer index range START:STOP")
-    p.add_argument("--estimator", default="minibatch", choices=["minibatch", "linear", "debiased"])
+    p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
+    p.add_argument("--bootstrap", type=int, default=0, help="replicates for the CI (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--out", required=True)
 
     p = stage("merge", cmd_merge, "merge CKA tiles into the tidy table")

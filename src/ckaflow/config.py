@@ -138,6 +138,7 @@ class RunSpec:
 class CkaSpec:
     estimator: str
     batch_size: int
+    bootstrap: int
     tile_layers: int
     comparisons: tuple[str, ...]
 

@@ -1,10 +1,11 @@
-"""Centered Kernel Alignment: plain estimators, Gram statistics computed once per layer, tiles.
+"""Centered Kernel Alignment.
 
-Formulas: shared/docs/cka-formulas.md. Everything past the Gram matrix is float64.
+Plain estimators (`linear_cka`, `minibatch_cka`) are small functions in the papers' notation;
+`cka_matrix` and the pipeline compute each representation's Gram statistics once
+(`gram_stats`) and every pair from them. Formulas: shared/docs/cka-formulas.md.
 """
 
 from ckaflow.cka.estimators import (
-    ESTIMATORS,
     center_gram,
     gram_linear,
     hsic_biased,
@@ -14,11 +15,18 @@ from ckaflow.cka.estimators import (
     one_hot,
     u_center,
 )
+from ckaflow.cka.matrix import cka_interval, cka_matrix
+from ckaflow.cka.stats import ESTIMATORS, GramStats, cka_between, gram_stats
 
 __all__ = [
     "ESTIMATORS",
+    "GramStats",
     "center_gram",
+    "cka_between",
+    "cka_interval",
+    "cka_matrix",
     "gram_linear",
+    "gram_stats",
     "hsic_biased",
     "hsic_unbiased",
     "linear_cka",

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import numpy as np
 
-ESTIMATORS = ("minibatch", "linear", "debiased")
 MIN_BATCH_ROWS = 4  # HSIC₁ divides by n − 3
 
 
 def as_matrix(x) -> np.ndarray:
     """(n, ...) array-like -> (n, features) float64, one row per example."""
-    if hasattr(x, "detach"):  # torch tensor
-        x = x.detach().cpu().numpy()
+    if hasattr(x, "detach"):  # torch tensor; NumPy has no bfloat16
+        x = x.detach().cpu()
+        x = (x.double() if x.is_floating_point() else x).numpy()
     x = np.asarray(x)
     return x.reshape(len(x), -1).astype(np.float64, copy=False)
 

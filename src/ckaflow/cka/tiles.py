@@ -1,44 +1,12 @@
-"""CKA tiles: all layer pairs of a block of rows × a block of columns, from stored Grams.
-
-Per layer, each block's Gram is transformed once (U-centred for the unbiased HSIC, double-centred
-for the biased one) and flattened with the HSIC normalisation folded in; then every pair's HSIC
-is one inner product, and a whole tile is one float64 matrix product.
-"""
+"""The tile stage: CKA of all layer pairs of a block of rows × a block of columns, from the two
+sides' stored Gram statistics (one float64 matrix product per tile), with optional bootstrap
+confidence intervals."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ckaflow.cka.estimators import center_gram, u_center
 from ckaflow.errors import TileError
-
-
-def hsic_vectors(grams: np.ndarray, block_rows: list[int], estimator: str) -> np.ndarray:
-    """One layer's (blocks, b, b) Grams -> a vector v with HSIC(K, L) = v_K · v_L."""
-    parts = []
-    for i, m in enumerate(block_rows):
-        k = grams[i, :m, :m]
-        if estimator == "linear":
-            parts.append(center_gram(k).ravel() / (m - 1))  # HSIC₀ = ⟨HKH, HLH⟩/(m−1)²
-        else:  # minibatch and debiased: HSIC₁ = ⟨U(K), U(L)⟩ / (m(m−3))
-            parts.append(u_center(k).ravel() / np.sqrt(m * (m - 3)))
-    return np.concatenate(parts)
-
-
-def cka_from_vectors(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """CKA for every row of a (layers × d) against every row of b, in float64.
-
-    No clamping: a layer with zero HSIC (a constant representation) gives NaN, honestly.
-    """
-    cross = a @ b.T
-    self_a = np.einsum("ij,ij->i", a, a)
-    self_b = np.einsum("ij,ij->i", b, b)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return cross / np.sqrt(np.outer(self_a, self_b))
-
-
-# ---------------------------------------------------------------------------------------------
-# The tile stage
 
 
 def _side_columns(attrs: dict, layer: dict, suffix: str) -> dict:
@@ -80,21 +48,32 @@ def compute_tile(
     cols: range,
     estimator: str,
     out: str,
+    bootstrap: int = 0,
+    seed: int = 0,
 ) -> None:
     """CKA of layers `rows` of side a against layers `cols` of side b, as a tidy parquet."""
     import pandas as pd
 
-    from ckaflow.cka.gram import open_gram
+    from ckaflow.cka.gram import load_stats, open_gram
+    from ckaflow.cka.stats import bootstrap_cka, cka_between
     from ckaflow.provenance import atomic_path, code_version
 
     a, b = open_gram(gram_a), open_gram(gram_b)
     _check_alignment(a, b)
+    if a.attrs["estimator"] != estimator or b.attrs["estimator"] != estimator:
+        raise TileError(
+            f"the Gram stores hold {a.attrs['estimator']}/{b.attrs['estimator']} statistics, "
+            f"but the tile asks for {estimator}; recompute the gram stage"
+        )
     block_rows = a.attrs["block_rows"]
     layers_a = [a.layers[i] for i in rows]
     layers_b = [b.layers[j] for j in cols]
-    vec_a = np.stack([hsic_vectors(a[la["name"]][...], block_rows, estimator) for la in layers_a])
-    vec_b = np.stack([hsic_vectors(b[lb["name"]][...], block_rows, estimator) for lb in layers_b])
-    values = cka_from_vectors(vec_a, vec_b)
+    stats_a = load_stats(a, [la["name"] for la in layers_a])
+    stats_b = load_stats(b, [lb["name"] for lb in layers_b])
+    values = cka_between(stats_a, stats_b)  # tiny next to the Gram stage: CPU
+    low = high = np.full_like(values, np.nan)
+    if bootstrap:
+        low, high = bootstrap_cka(stats_a, stats_b, replicates=bootstrap, seed=seed)
     records = []
     for i, la in enumerate(layers_a):
         for j, lb in enumerate(layers_b):
@@ -105,9 +84,12 @@ def compute_tile(
                     **_side_columns(a.attrs, la, "a"),
                     **_side_columns(b.attrs, lb, "b"),
                     "estimator": estimator,
-                    "batch_size": a.attrs["estimator_block"],
+                    "batch_size": max(block_rows),
                     "n": int(sum(block_rows)),
                     "value": float(values[i, j]),
+                    "ci_low": float(low[i, j]),
+                    "ci_high": float(high[i, j]),
+                    "bootstrap": bootstrap,
                 }
             )
     frame = pd.DataFrame.from_records(records).assign(
