@@ -197,3 +197,12 @@ def test_matrix_properties(seed, scale, estimator):
     if estimator != "rbf":  # linear kernels: invariant to orthogonal maps and isotropic scaling
         assert m[0, 2] == pytest.approx(1, abs=1e-8)
         assert m[1, 2] == pytest.approx(m[1, 0], abs=1e-8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_gives_the_cpu_numbers():
+    layers = {k: v.astype(np.float32) for k, v in _layers(n=512).items()}
+    for estimator in cka.ESTIMATORS:
+        cpu = cka.cka_matrix(layers, estimator=estimator, batch_size=128, device="cpu")
+        gpu = cka.cka_matrix(layers, estimator=estimator, batch_size=128, device="cuda")
+        np.testing.assert_allclose(gpu, cpu, atol=1e-6, rtol=0, err_msg=estimator)

@@ -28,3 +28,9 @@ def test_help_lists_every_stage():
     out = _ckaflow("--help").stdout
     for stage in ("prepare", "train", "extract", "gram", "tile", "merge", "plot"):
         assert stage in out
+
+
+def test_cli_estimators_are_the_engine_estimators():
+    from ckaflow import cka, cli
+
+    assert tuple(cli.ESTIMATORS) == cka.ESTIMATORS
