@@ -8,7 +8,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data demo test lint clean
+.PHONY: install data slurm-cluster demo test lint clean
 
 install: $(VENV)/.installed data
 
@@ -27,11 +27,15 @@ $(FASHION_MNIST):
 	$(SUDO) apt-get update -qq
 	$(SUDO) apt-get install -y -qq --no-install-recommends dataset-fashion-mnist
 
+# the one-node SLURM cluster (slurmctld, slurmd, slurmdbd, MariaDB, munge) the SLURM tests use
+slurm-cluster:
+	$(SUDO) bash tests/slurm/cluster.sh up
+
 demo: install
 	snakemake --cores $(CORES)
 	@echo "results: results/tables/cka.parquet, results/figures/*.png"
 
-test: install
+test: install slurm-cluster
 	pytest -q
 
 lint: install

@@ -1,4 +1,5 @@
 import json
+import os
 import shlex
 
 
@@ -13,3 +14,9 @@ def tile_range(wildcards, axis):
     rows, cols = STUDY.tile_ranges(STUDY.tile(wildcards.comparison, wildcards.tile))
     span = rows if axis == "rows" else cols
     return f"{span.start}:{span.stop}"
+
+
+
+# Where heavy stages run reaches the `ckaflow` commands through the environment, not through
+# params: moving a study between the laptop and the cluster must not rerun anything.
+os.environ.update(CKAFLOW_BACKEND=config["backend"], CKAFLOW_SLURM=json.dumps(config["slurm"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -39,35 +40,52 @@ def cmd_prepare(args) -> None:
     )
 
 
+def _launch(args, stage: str, fn, kwargs: dict, key: str):
+    """Run a heavy stage here or as a SLURM job, as --backend says."""
+    from ckaflow.launch import SlurmSpec, run_stage
+
+    slurm = SlurmSpec.from_config(json.loads(args.slurm), stage) if args.slurm else None
+    return run_stage(
+        stage,
+        fn,
+        kwargs,
+        backend=args.backend,
+        key=key,
+        slurm=slurm,
+        log=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+
+
 def cmd_train(args) -> None:
     from ckaflow import config
     from ckaflow.train import train_run
 
     _set_threads(args.threads)
     spec = json.loads(args.spec)
-    train_run(
-        config.run_spec_from_dict(spec["run"]),
-        config.augment_spec_from_dict(spec["augment"]),
-        args.data,
-        args.out_dir,
-        device=args.device,
-        log=lambda line: print(line, flush=True),
-    )
+    kwargs = {
+        "run": config.run_spec_from_dict(spec["run"]),
+        "aug": config.augment_spec_from_dict(spec["augment"]),
+        "data_path": args.data,
+        "out_dir": args.out_dir,
+        "device": args.device,
+    }
+    _launch(args, "train", train_run, kwargs, key=args.out_dir)
 
 
 def cmd_extract(args) -> None:
     from ckaflow.activations import extract
 
     _set_threads(args.threads)
-    extract(
-        args.model,
-        args.data,
-        args.view,
-        args.out,
-        batch_size=args.batch_size,
-        chunk_rows=args.chunk_rows,
-        device=args.device,
-    )
+    kwargs = {
+        "model_path": args.model,
+        "data_path": args.data,
+        "view": args.view,
+        "out": args.out,
+        "batch_size": args.batch_size,
+        "chunk_rows": args.chunk_rows,
+        "device": args.device,
+    }
+    _launch(args, "extract", extract, kwargs, key=args.out)
 
 
 def cmd_gram(args) -> None:
@@ -76,7 +94,14 @@ def cmd_gram(args) -> None:
     if args.labels:
         label_gram_store(args.source, args.out, args.estimator, args.batch_size)
     else:
-        gram_store(args.source, args.out, args.estimator, args.batch_size, device=args.device)
+        kwargs = {
+            "activations": args.source,
+            "out": args.out,
+            "estimator": args.estimator,
+            "batch_size": args.batch_size,
+            "device": args.device,
+        }
+        _launch(args, "gram", gram_store, kwargs, key=args.out)
 
 
 def cmd_tile(args) -> None:
@@ -121,9 +146,23 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
+    def backend_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--backend",
+            default=os.environ.get("CKAFLOW_BACKEND", "local"),
+            choices=["local", "slurm"],
+            help="where to run (default: $CKAFLOW_BACKEND or local)",
+        )
+        p.add_argument(
+            "--slurm",
+            default=os.environ.get("CKAFLOW_SLURM"),
+            help="JSON: the config's `slurm` section (default: $CKAFLOW_SLURM)",
+        )
+
     def torch_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+        backend_options(p)
 
     p = stage("prepare", cmd_prepare, "prepare the data store (subsets and eval views)")
     p.add_argument("--spec", required=True, help="JSON: {data, augment, chunk_rows}")
@@ -151,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    backend_options(p)
 
     p = stage("tile", cmd_tile, "CKA of a tile of layer pairs from two Gram stores")
     p.add_argument("--comparison", required=True)

@@ -1,0 +1,280 @@
+"""Where heavy stages run: `local` (in this process) or `slurm` (a submitit job, waited on).
+
+With the slurm backend a stage submits itself with submitit, records the job (id and submitit
+folder) in `results/.slurm/records/`, outside Snakemake's declared outputs, and waits on it while
+streaming the job's log into its own. A restarted workflow finds the record and reattaches to the
+job still pending or running, or takes the finished job's result, instead of submitting a second
+one. Jobs are checkpointable: on timeout or preemption submitit requeues them (a bounded number
+of times) and the stage resumes from its last checkpoint. Scheduler queries have time limits, so
+a hung `sacct` fails the stage instead of hanging the workflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ckaflow.config import stable_hash
+from ckaflow.errors import CkaflowError
+from ckaflow.provenance import atomic_path
+
+ACTIVE = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "RESIZING",
+    "SUSPENDED",
+    "STAGE_OUT",
+    "SIGNALING",
+}
+RECORDS = Path("results/.slurm")
+
+
+class StageFailed(CkaflowError):
+    """A SLURM job that failed, was cancelled, or could not be followed."""
+
+
+@dataclass(frozen=True)
+class SlurmSpec:
+    """Where and with what a stage's job runs (config keys `slurm.*` and `slurm.<stage>.*`)."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus: int = 0
+    gres: str | None = None
+    cpus: int = 2
+    mem_gb: float = 8
+    time_min: int = 60
+    constraint: str | None = None
+    extra: dict = field(default_factory=dict)
+    setup: tuple[str, ...] = ()
+    max_requeues: int = 3
+    signal_delay_s: int = 120
+    poll_s: float = 2.0
+    query_timeout_s: float = 60.0
+
+    @classmethod
+    def from_config(cls, slurm: dict, stage: str) -> SlurmSpec:
+        common = {k: v for k, v in slurm.items() if k not in ("train", "extract", "gram")}
+        merged = {**common, **slurm.get(stage, {})}
+        merged["setup"] = tuple(merged.get("setup", ()))
+        return cls(**merged)
+
+    def executor_parameters(self, name: str) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "name": name,
+            "cpus_per_task": self.cpus,
+            "mem_gb": self.mem_gb,
+            "timeout_min": self.time_min,
+            "slurm_signal_delay_s": self.signal_delay_s,
+            "slurm_additional_parameters": dict(self.extra),
+            "slurm_setup": list(self.setup),
+        }
+        if self.gpus:
+            params["gpus_per_node"] = self.gpus
+        optional = {
+            "slurm_partition": self.partition,
+            "slurm_account": self.account,
+            "slurm_qos": self.qos,
+            "slurm_gres": self.gres,
+            "slurm_constraint": self.constraint,
+        }
+        params.update({k: v for k, v in optional.items() if v})
+        return params
+
+
+class StageJob:
+    """The callable a SLURM job runs: the stage function with its arguments. Checkpointable:
+    on timeout or preemption submitit calls `checkpoint`, which resubmits the same call — the
+    stage itself resumes from its own checkpoint file."""
+
+    def __init__(self, fn: Callable, threads: int | None):
+        self.fn = fn
+        self.threads = threads
+
+    def __call__(self, kwargs: dict) -> Any:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)  # same threads, same floating-point sums
+        return self.fn(**kwargs)
+
+    def checkpoint(self, kwargs: dict):
+        import submitit
+
+        return submitit.helpers.DelayedSubmission(StageJob(self.fn, self.threads), kwargs)
+
+
+def _record_path(records: Path, key: str) -> Path:
+    return records / "records" / f"{key.strip('/').replace('/', '__')}.json"
+
+
+def _query(cmd: list[str], timeout: float) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return out.stdout.strip()
+
+
+def job_state(job_id: str, timeout: float) -> str | None:
+    """The job's state from accounting (`sacct`), falling back on `squeue`; None if unknown."""
+    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], timeout)
+    if out:
+        return out.splitlines()[-1].split()[0]
+    out = _query(["squeue", "-j", job_id, "-h", "-o", "%T"], timeout)
+    return out.splitlines()[0].strip() if out else None
+
+
+class _LogTail:
+    """Copies what a job appends to its stdout/stderr files into ours."""
+
+    def __init__(self, paths: list[tuple[Path, Any]]):
+        self.paths = paths
+        self.offsets = {p: 0 for p, _ in paths}
+
+    def pump(self) -> None:
+        for path, stream in self.paths:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self.offsets[path])
+                    chunk = f.read()
+            except OSError:
+                continue
+            if chunk:
+                self.offsets[path] += len(chunk)
+                stream.write(chunk.decode(errors="replace"))
+                stream.flush()
+
+
+def run_stage(
+    stage: str,
+    fn: Callable,
+    kwargs: dict,
+    *,
+    backend: str,
+    key: str,
+    slurm: SlurmSpec | None = None,
+    log: Callable[[str], None] = print,
+    records: Path = RECORDS,
+) -> Any:
+    """Run `fn(**kwargs)` here (local) or as a SLURM job (slurm), returning its result.
+
+    `key` names the stage's output (one record per output). A record from an identical call
+    (same stage and arguments) is reattached to when its job is active or has completed.
+    """
+    if backend == "local":
+        return fn(**kwargs)
+    if backend != "slurm":
+        raise ValueError(f"unknown backend {backend!r}; expected 'local' or 'slurm'")
+    if running_in_slurm_job():
+        raise StageFailed(
+            f"already inside SLURM job {os.environ['SLURM_JOB_ID']}: a job must not submit jobs. "
+            "Run Snakemake on the login node with the local executor (profiles/slurm) and "
+            "backend: slurm, not under Snakemake's SLURM executor."
+        )
+    import submitit
+
+    spec = slurm or SlurmSpec()
+    call_hash = stable_hash([stage, fn.__module__, fn.__qualname__, kwargs, asdict(spec)])
+    record_path = _record_path(records, key)
+    job = _reattach(record_path, call_hash, spec, log)
+    if job is None:
+        folder = records / "jobs" / stage
+        executor = submitit.AutoExecutor(
+            folder=folder, cluster="slurm", slurm_max_num_timeout=spec.max_requeues
+        )
+        name = f"ckaflow-{stage}:{key.removeprefix('results/')}"
+        executor.update_parameters(**spec.executor_parameters(name))
+        job = executor.submit(StageJob(fn, spec.cpus), kwargs)
+        record = {
+            "job_id": job.job_id,
+            "folder": str(folder),
+            "stage": stage,
+            "key": key,
+            "call_hash": call_hash,
+            "submitted": time.time(),
+        }
+        with atomic_path(record_path) as scratch:
+            scratch.write_text(json.dumps(record, indent=2))
+        log(f"submitted SLURM job {job.job_id} for {stage} ({key}); log: {job.paths.stdout}")
+    return _wait(job, spec, log)
+
+
+def _reattach(record_path: Path, call_hash: str, spec: SlurmSpec, log):
+    import submitit
+
+    if not record_path.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if record.get("call_hash") != call_hash:
+        log(f"SLURM job {record.get('job_id')} was for other settings; submitting anew")
+        return None
+    state = job_state(record["job_id"], spec.query_timeout_s)
+    if state in ACTIVE or state == "COMPLETED":
+        verb = "reattaching to" if state in ACTIVE else "taking the result of"
+        log(f"{verb} SLURM job {record['job_id']} ({state}) instead of submitting a new one")
+        return submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"])
+    log(f"SLURM job {record['job_id']} ended {state}; submitting anew")
+    return None
+
+
+def _wait(job, spec: SlurmSpec, log) -> Any:
+    from submitit.core.utils import pickle_load
+
+    tail = _LogTail([(Path(job.paths.stdout), sys.stdout), (Path(job.paths.stderr), sys.stderr)])
+    unknown_since = None
+    while True:
+        state = job_state(job.job_id, spec.query_timeout_s)
+        tail.pump()
+        if state is None:
+            unknown_since = unknown_since or time.monotonic()
+            if time.monotonic() - unknown_since > spec.query_timeout_s:
+                raise StageFailed(
+                    f"the scheduler has not reported on job {job.job_id} for "
+                    f"{spec.query_timeout_s:.0f}s (sacct/squeue); is slurmdbd up?"
+                )
+        else:
+            unknown_since = None
+            if state not in ACTIVE:
+                break
+        time.sleep(spec.poll_s)
+    result_path = Path(job.paths.result_pickle)
+    for _ in range(int(10 / 0.2)):  # the result file may land just after the state changes
+        if result_path.exists():
+            break
+        time.sleep(0.2)
+    tail.pump()
+    if state == "COMPLETED" and result_path.exists():
+        outcome, value = pickle_load(result_path)
+        if outcome == "success":
+            return value
+        raise StageFailed(f"SLURM job {job.job_id} raised:\n{value}")
+    if result_path.exists():
+        outcome, value = pickle_load(result_path)
+        if outcome == "error":
+            raise StageFailed(f"SLURM job {job.job_id} ended {state} and raised:\n{value}")
+    if state.startswith("CANCELLED"):
+        raise StageFailed(
+            f"SLURM job {job.job_id} was cancelled ({state}); rerun the workflow to submit again"
+        )
+    raise StageFailed(f"SLURM job {job.job_id} ended {state}; see {job.paths.stderr}")
+
+
+def running_in_slurm_job() -> bool:
+    return "SLURM_JOB_ID" in os.environ

@@ -1,0 +1,402 @@
+"""ckaflow on a real one-node SLURM cluster with accounting (tests/slurm/cluster.sh).
+
+Every test waits on SLURM under a hard time limit, so a hung scheduler fails the test, not CI.
+Deselect with `-m "not slurm"` on a machine without root.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from ckaflow import config, data
+from ckaflow.launch import SlurmSpec, StageFailed, job_state, run_stage
+from ckaflow.train import train_run
+from tests import slurm_jobs
+from tests.conftest import REPO, tiny_config
+
+pytestmark = pytest.mark.slurm
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.fixture(scope="session")
+def cluster() -> str:
+    up = subprocess.run(
+        ["bash", str(REPO / "tests" / "slurm" / "cluster.sh"), "up"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    return "debug"
+
+
+def _spec(**overrides) -> SlurmSpec:
+    base = dict(
+        partition="debug",
+        gpus=0,
+        cpus=1,
+        mem_gb=2,
+        time_min=10,
+        poll_s=0.5,
+        query_timeout_s=30,
+        signal_delay_s=30,
+    )
+    return SlurmSpec(**{**base, **overrides})
+
+
+def _since() -> str:
+    return (dt.datetime.now() - dt.timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def sacct_jobs(since: str) -> pd.DataFrame:
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobIDRaw,JobName%300,State"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return pd.DataFrame(rows, columns=["id", "name", "state"])
+
+
+@pytest.fixture(scope="module")
+def slow_data(tmp_path_factory, fashion_root) -> Path:
+    """Enough real images that a training run lasts long enough to be interrupted."""
+    cfg = tiny_config(data={"train_size": 2048, "eval_size": 64})
+    out = tmp_path_factory.mktemp("slow") / "fashion-mnist.zarr"
+    return data.prepare(config.data_spec(cfg), config.augment_spec(cfg), out, chunk_rows=32)
+
+
+def _supervised(epochs: int):
+    cfg = tiny_config(
+        data={"train_size": 2048, "eval_size": 64},
+        recipes={"supervised": {"epochs": epochs, "batch_size": 64, "lr": 0.05}},
+    )
+    run = next(r for r in config.run_specs(cfg) if r.method == "supervised")
+    return run, config.augment_spec(cfg)
+
+
+def _train_in_thread(run, aug, slow_data, out_dir, records, spec, lines):
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = run_stage(
+                "train",
+                train_run,
+                {
+                    "run": run,
+                    "aug": aug,
+                    "data_path": slow_data,
+                    "out_dir": out_dir,
+                    "device": "cpu",
+                },
+                backend="slurm",
+                key=str(out_dir),
+                slurm=spec,
+                log=lines.append,
+                records=records,
+            )
+        except Exception as err:  # reported by the test
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _record(records: Path) -> dict:
+    paths = list((records / "records").glob("*.json"))
+    return json.loads(paths[0].read_text()) if paths else {}
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _checkpoint_epoch(out_dir: Path) -> int:
+    try:
+        return torch.load(out_dir / "checkpoint.pt", weights_only=False)["epoch"]
+    except Exception:
+        return 0
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["model"]
+
+
+def _local_reference(run, aug, slow_data, out_dir: Path) -> Path:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the jobs run with cpus=1 threads: same sums, same bits
+    try:
+        return train_run(run, aug, slow_data, out_dir, device="cpu", log=lambda _: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(120)
+def test_a_job_result_comes_back_and_a_rerun_takes_it_instead_of_resubmitting(cluster, tmp_path):
+    since = _since()
+    lines: list[str] = []
+    spec = _spec()
+    first = run_stage(
+        "demo",
+        slurm_jobs.add,
+        {"a": 2, "b": 3},
+        backend="slurm",
+        key="k/add",
+        slurm=spec,
+        records=tmp_path,
+        log=lines.append,
+    )
+    again = run_stage(
+        "demo",
+        slurm_jobs.add,
+        {"a": 2, "b": 3},
+        backend="slurm",
+        key="k/add",
+        slurm=spec,
+        records=tmp_path,
+        log=lines.append,
+    )
+    assert first == again == 5
+    assert any("taking the result of SLURM job" in line for line in lines)
+    assert len(sacct_jobs(since).query("name == 'ckaflow-demo:k/add'")) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_stage_that_raises_fails_with_its_traceback(cluster, tmp_path):
+    """The rule's command (`ckaflow extract --backend slurm`) on a broken checkpoint."""
+    since = _since()
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    slurm = json.dumps(
+        {
+            "partition": "debug",
+            "poll_s": 0.5,
+            "query_timeout_s": 30,
+            "extract": {"gpus": 0, "cpus": 1, "mem_gb": 2, "time_min": 5},
+        }
+    )
+    result = subprocess.run(
+        [
+            "ckaflow",
+            "extract",
+            "--model",
+            str(bad),
+            "--data",
+            str(tmp_path / "data.zarr"),
+            "--view",
+            "clean",
+            "--out",
+            "results/activations/x/clean.zarr",
+            "--device",
+            "cpu",
+            "--backend",
+            "slurm",
+            "--slurm",
+            slurm,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=110,
+    )
+    assert result.returncode != 0
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "CheckpointError" in result.stderr and "not a readable checkpoint" in result.stderr
+    jobs = sacct_jobs(since).query("name == 'ckaflow-extract:activations/x/clean.zarr'")
+    assert len(jobs) == 1 and jobs["state"].iloc[0] == "FAILED"
+
+
+@pytest.mark.timeout(120)
+def test_a_cancelled_job_fails_the_stage_clearly(cluster, tmp_path):
+    lines: list[str] = []
+    box: dict = {}
+
+    def target():
+        try:
+            run_stage(
+                "demo",
+                slurm_jobs.sleep_then,
+                {"seconds": 60, "value": "late"},
+                backend="slurm",
+                key="k/sleep",
+                slurm=_spec(),
+                records=tmp_path,
+                log=lines.append,
+            )
+        except StageFailed as err:
+            box["error"] = str(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    _wait_for(
+        lambda: job_state(_record(tmp_path).get("job_id", "0"), 10) == "RUNNING",
+        60,
+        "the job to run",
+    )
+    subprocess.run(["scancel", _record(tmp_path)["job_id"]], check=True, timeout=30)
+    thread.join(60)
+    assert "was cancelled" in box.get("error", "")
+
+
+@pytest.mark.timeout(300)
+def test_preempted_training_resumes_to_the_uninterrupted_weights(cluster, slow_data, tmp_path):
+    import submitit
+
+    run, aug = _supervised(epochs=8)
+    reference = _local_reference(run, aug, slow_data, tmp_path / "reference")
+    out_dir, records, lines = tmp_path / "preempted", tmp_path / "records", []
+    thread, box = _train_in_thread(run, aug, slow_data, out_dir, records, _spec(), lines)
+    _wait_for(lambda: _checkpoint_epoch(out_dir) >= 2, 120, "two epochs on SLURM")
+    record = _record(records)
+    submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"])._interrupt()
+    thread.join(240)
+    assert "error" not in box, box.get("error")
+    log = (
+        out_dir.parent / "records" / "jobs" / "train" / f"{record['job_id']}_0_log.out"
+    ).read_text()
+    assert "resumed" in log and "from epoch" in log  # the epoch counter went on
+    metrics = pd.read_parquet(out_dir / "metrics.parquet")
+    assert metrics["epoch"].tolist() == list(range(1, 9))
+    a, b = _weights(reference), _weights(out_dir / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.timeout(300)
+def test_a_job_past_its_time_limit_is_requeued_and_completes(cluster, slow_data, tmp_path):
+    since = _since()
+    run, aug = _supervised(epochs=16)
+    out_dir, records, lines = tmp_path / "timeout", tmp_path / "records", []
+    spec = _spec(time_min=1, signal_delay_s=40, max_requeues=4)
+    thread, box = _train_in_thread(run, aug, slow_data, out_dir, records, spec, lines)
+    thread.join(280)
+    assert "error" not in box, box.get("error")
+    record = _record(records)
+    log = (records / "jobs" / "train" / f"{record['job_id']}_0_log.out").read_text()
+    assert "timed-out" in log and "resumed" in log
+    assert (out_dir / "model.pt").exists()
+    jobs = sacct_jobs(since)
+    assert jobs.query(f"id == '{record['job_id']}'")["state"].tolist() == ["COMPLETED"]
+
+
+def _snakemake(workdir: Path, configfile: Path, *args, **kw) -> subprocess.Popen:
+    cmd = [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "workflow" / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "4",
+        "--rerun-incomplete",
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=ENV,
+        start_new_session=True,
+        **kw,
+    )
+
+
+@pytest.mark.timeout(400)
+def test_tiny_pipeline_on_slurm_end_to_end(cluster, tmp_path):
+    since = _since()
+    proc = _snakemake(tmp_path, REPO / "tests" / "configs" / "tiny-slurm.yaml")
+    out, _ = proc.communicate(timeout=380)
+    assert proc.returncode == 0, out[-5000:]
+    table = pd.read_parquet(tmp_path / "results" / "tables" / "cka.parquet")
+    assert set(table["kind"]) == {"within", "cross", "invariance", "class"}
+    runs = ["simclr-resnet18-w4-s0", "supervised-resnet18-w4-s0"]
+    expected = [f"ckaflow-train:runs/{run}" for run in runs]
+    for run in runs:
+        for view in ("clean", "aug1", "aug2"):
+            expected.append(f"ckaflow-extract:activations/{run}/{view}.zarr")
+            expected.append(f"ckaflow-gram:gram/{run}/{view}.zarr")
+    jobs = sacct_jobs(since)
+    mine = jobs[jobs["name"].isin(expected)]
+    assert sorted(mine["name"]) == sorted(expected), jobs  # every heavy stage: one job each
+    assert set(mine["state"]) == {"COMPLETED"}
+
+
+@pytest.mark.timeout(400)
+def test_killed_workflow_reattaches_to_its_running_job(cluster, tmp_path):
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny-slurm.yaml").read_text())
+    cfg.update(methods=["supervised"], seeds=[7])
+    cfg["data"]["train_size"] = 2048
+    cfg["recipes"]["supervised"]["epochs"] = 10
+    cfg["cka"]["comparisons"] = ["within"]
+    configfile = tmp_path / "study.yaml"
+    configfile.write_text(yaml.safe_dump(cfg))
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    since = _since()
+    record = (
+        workdir / "results" / ".slurm" / "records" / "results__runs__supervised-resnet18-w4-s7.json"
+    )
+
+    first = _snakemake(workdir, configfile)
+    _wait_for(
+        lambda: (
+            record.exists() and job_state(json.loads(record.read_text())["job_id"], 10) == "RUNNING"
+        ),
+        180,
+        "the training job to run",
+    )
+    os.killpg(first.pid, signal.SIGKILL)  # the login node's Snakemake dies, the job goes on
+    first.wait(30)
+    job_id = json.loads(record.read_text())["job_id"]
+    assert job_state(job_id, 10) == "RUNNING"
+
+    subprocess.run(
+        [
+            str(BIN / "snakemake"),
+            "--snakefile",
+            str(REPO / "workflow" / "Snakefile"),
+            "--directory",
+            str(workdir),
+            "--configfile",
+            str(configfile),
+            "--unlock",
+        ],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    second = _snakemake(workdir, configfile)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-5000:]
+    log = (workdir / "results" / "logs" / "train" / "supervised-resnet18-w4-s7.log").read_text()
+    assert f"reattaching to SLURM job {job_id}" in log
+    trains = sacct_jobs(since).query("name == 'ckaflow-train:runs/supervised-resnet18-w4-s7'")
+    assert trains["id"].tolist() == [job_id]
+    assert (workdir / "results" / "tables" / "cka.parquet").exists()
