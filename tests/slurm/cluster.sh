@@ -22,7 +22,12 @@ wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
   log "timed out after ${limit}s waiting for $what"; return 1
 }
 
-alive() { [ -f "$PIDS/$1.pid" ] && kill -0 "$(cat "$PIDS/$1.pid")" 2>/dev/null; }
+# a daemon is alive if its PID file names a live process of that name (PIDs get reused)
+alive() {
+  local pid
+  pid=$(cat "$PIDS/$1.pid" 2>/dev/null) || return 1
+  [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$1" ]
+}
 
 install() {
   local missing=()
@@ -100,9 +105,8 @@ start_munge() {
   chown munge:munge /run/munge
   [ -f /etc/munge/munge.key ] || { mungekey --create >/dev/null 2>&1 || true; }
   chown munge:munge /etc/munge/munge.key 2>/dev/null || true
-  if ! munge -n </dev/null >/dev/null 2>&1; then
-    su -s /bin/sh munge -c "munged --pid-file=$PIDS/munged.pid" || munged --force
-    [ -f /run/munge/munged.pid ] && cp /run/munge/munged.pid "$PIDS/munged.pid" 2>/dev/null || true
+  if ! alive munged; then
+    su -s /bin/sh munge -c "munged --force --pid-file=$PIDS/munged.pid"
     wait_for 10 munged sh -c 'munge -n </dev/null | unmunge'
   fi
 }
@@ -143,7 +147,7 @@ up() {
 }
 
 down() {
-  for daemon in slurmd slurmctld slurmdbd mariadbd; do
+  for daemon in slurmd slurmctld slurmdbd mariadbd munged; do
     if alive "$daemon"; then
       kill "$(cat "$PIDS/$daemon.pid")" 2>/dev/null || true
     fi
