@@ -62,16 +62,27 @@ def _since() -> str:
     return (dt.datetime.now() - dt.timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def sacct_jobs(since: str) -> pd.DataFrame:
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobIDRaw,JobName%300,State"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    rows = [line.split("|") for line in out.splitlines() if line]
-    return pd.DataFrame(rows, columns=["id", "name", "state"])
+def sacct_jobs(since: str, ready=lambda jobs: True, timeout: float = 30) -> pd.DataFrame:
+    """Jobs known to accounting since `since`; waits up to `timeout` for `ready(jobs)`, since
+    slurmctld hands job records to slurmdbd asynchronously (a lag right after start-up)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(
+            ["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobIDRaw,JobName%300,State"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        rows = [line.split("|") for line in out.splitlines() if line]
+        jobs = pd.DataFrame(rows, columns=["id", "name", "state"])
+        if ready(jobs) or time.monotonic() > deadline:
+            return jobs
+        time.sleep(0.5)
+
+
+def _named(name: str):
+    return lambda jobs: (jobs["name"] == name).any()
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +192,8 @@ def test_a_job_result_comes_back_and_a_rerun_takes_it_instead_of_resubmitting(cl
     )
     assert first == again == 5
     assert any("taking the result of SLURM job" in line for line in lines)
-    assert len(sacct_jobs(since).query("name == 'ckaflow-demo:k/add'")) == 1
+    jobs = sacct_jobs(since, _named("ckaflow-demo:k/add"))
+    assert len(jobs.query("name == 'ckaflow-demo:k/add'")) == 1
 
 
 @pytest.mark.timeout(120)
@@ -226,7 +238,8 @@ def test_a_stage_that_raises_fails_with_its_traceback(cluster, tmp_path):
     assert result.returncode != 0
     assert "Traceback (most recent call last)" in result.stderr
     assert "CheckpointError" in result.stderr and "not a readable checkpoint" in result.stderr
-    jobs = sacct_jobs(since).query("name == 'ckaflow-extract:activations/x/clean.zarr'")
+    name = "ckaflow-extract:activations/x/clean.zarr"
+    jobs = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
     assert len(jobs) == 1 and jobs["state"].iloc[0] == "FAILED"
 
 
@@ -298,7 +311,9 @@ def test_a_job_past_its_time_limit_is_requeued_and_completes(cluster, slow_data,
     log = (records / "jobs" / "train" / f"{record['job_id']}_0_log.out").read_text()
     assert "timed-out" in log and "resumed" in log
     assert (out_dir / "model.pt").exists()
-    jobs = sacct_jobs(since)
+    jobs = sacct_jobs(
+        since, lambda j: (j["state"][j["id"] == record["job_id"]] == "COMPLETED").any()
+    )
     assert jobs.query(f"id == '{record['job_id']}'")["state"].tolist() == ["COMPLETED"]
 
 
@@ -341,7 +356,7 @@ def test_tiny_pipeline_on_slurm_end_to_end(cluster, tmp_path):
         for view in ("clean", "aug1", "aug2"):
             expected.append(f"ckaflow-extract:activations/{run}/{view}.zarr")
             expected.append(f"ckaflow-gram:gram/{run}/{view}.zarr")
-    jobs = sacct_jobs(since)
+    jobs = sacct_jobs(since, lambda j: j["name"].isin(expected).sum() >= len(expected))
     mine = jobs[jobs["name"].isin(expected)]
     assert sorted(mine["name"]) == sorted(expected), jobs  # every heavy stage: one job each
     assert set(mine["state"]) == {"COMPLETED"}
@@ -397,6 +412,7 @@ def test_killed_workflow_reattaches_to_its_running_job(cluster, tmp_path):
     assert second.returncode == 0, out[-5000:]
     log = (workdir / "results" / "logs" / "train" / "supervised-resnet18-w4-s7.log").read_text()
     assert f"reattaching to SLURM job {job_id}" in log
-    trains = sacct_jobs(since).query("name == 'ckaflow-train:runs/supervised-resnet18-w4-s7'")
+    name = "ckaflow-train:runs/supervised-resnet18-w4-s7"
+    trains = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
     assert trains["id"].tolist() == [job_id]
     assert (workdir / "results" / "tables" / "cka.parquet").exists()
