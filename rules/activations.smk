@@ -6,6 +6,7 @@ rule extract:
     output:
         directory("results/activations/{run}/{view}.zarr"),
     params:
+        store=lambda w: spec(store_options(w.run, w.view)),
         batch_size=config["activations"]["batch_size"],
         chunk_rows=STUDY.cka.batch_size,
         device=config["device"],
@@ -16,5 +17,6 @@ rule extract:
         CONDA_ENV
     shell:
         "ckaflow extract --model {input.model} --data {input.data} --view {wildcards.view}"
-        " --out {output} --batch-size {params.batch_size} --chunk-rows {params.chunk_rows}"
+        " --out {output} --store {params.store} --batch-size {params.batch_size}"
+        " --chunk-rows {params.chunk_rows}"
         " --device {params.device} --threads {threads} > {log} 2>&1"

@@ -26,13 +26,14 @@ rule gram_labels:
     params:
         estimator=STUDY.cka.estimator,
         batch_size=STUDY.cka.batch_size,
+        examples=config["activations"]["examples"] or 0,
     log:
         "results/logs/gram/labels.log",
     conda:
         CONDA_ENV
     shell:
         "ckaflow gram --labels --source {input} --out {output} --estimator {params.estimator}"
-        " --batch-size {params.batch_size} > {log} 2>&1"
+        " --batch-size {params.batch_size} --examples {params.examples} > {log} 2>&1"
 
 
 rule cka_tile:

@@ -20,3 +20,15 @@ def tile_range(wildcards, axis):
 # Where heavy stages run reaches the `ckaflow` commands through the environment, not through
 # params: moving a study between the laptop and the cluster must not rerun anything.
 os.environ.update(CKAFLOW_BACKEND=config["backend"], CKAFLOW_SLURM=json.dumps(config["slurm"]))
+
+
+def store_options(run, view):
+    """How one activation store is written: precision, codec, the selected layers, examples."""
+    act = config["activations"]
+    return {
+        "dtype": act["dtype"],
+        "codec": act["codec"],
+        "level": act["level"],
+        "layers": [layer.name for layer in STUDY.layers(Side(run, view))],
+        "examples": act["examples"],
+    }

@@ -51,3 +51,162 @@ def test_missing_or_foreign_store_is_refused(tmp_path, prepared):
         open_store(tmp_path / "nothing.zarr")
     with pytest.raises(StoreError, match="expected 'ckaflow.activations'"):
         open_store(prepared)
+
+
+# -- storage options, selection, resumption -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference_store(trained, prepared, tmp_path_factory):
+    from ckaflow.activations import extract
+
+    out = tmp_path_factory.mktemp("ref") / "clean.zarr"
+    return open_store(
+        extract(
+            trained["simclr"], prepared, "clean", out, batch_size=40, chunk_rows=64, device="cpu"
+        )
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_stores_hold_the_rounded_values(
+    dtype, reference_store, trained, prepared, tmp_path
+):
+    from ckaflow.activations import extract
+    from ckaflow.cka import gram_stats
+
+    store = open_store(
+        extract(
+            trained["simclr"],
+            prepared,
+            "clean",
+            tmp_path / "s.zarr",
+            batch_size=40,
+            chunk_rows=64,
+            device="cpu",
+            dtype=dtype,
+        )
+    )
+    assert store.attrs["dtype"] == dtype
+    for name in ("stem", "layer3.0.residual", "head.1"):
+        full = torch.from_numpy(reference_store[name][...])
+        rounded = full.to(getattr(torch, dtype)).float().numpy()
+        got = store[name][...]
+        assert got.dtype == np.float32 if dtype == "bfloat16" else np.float16
+        np.testing.assert_array_equal(got.astype(np.float32), rounded)
+    # Gram statistics are exact to the stored values: streaming equals the decoded array
+    layer = store["layer2.1.out"]
+    a = gram_stats(layer, batch_size=64, device="cpu")
+    b = gram_stats(layer[...].astype(np.float32), batch_size=64, device="cpu")
+    np.testing.assert_array_equal(a.grams, b.grams)
+
+
+@pytest.mark.parametrize("codec", ["lz4", "none"])
+def test_codecs_store_identical_values(codec, reference_store, trained, prepared, tmp_path):
+    from ckaflow.activations import extract
+
+    store = open_store(
+        extract(
+            trained["simclr"],
+            prepared,
+            "clean",
+            tmp_path / "s.zarr",
+            batch_size=40,
+            chunk_rows=64,
+            device="cpu",
+            codec=codec,
+        )
+    )
+    for name in ("stem", "layer4.1.out"):
+        np.testing.assert_array_equal(store[name][...], reference_store[name][...])
+
+
+def test_layer_selection_and_example_count(trained, prepared, tmp_path, reference_store):
+    from ckaflow.activations import extract
+    from ckaflow.layers import select_layers
+
+    chosen = select_layers(layer_registry("resnet18", "simclr"), ["out"], ["layer[34].*"])
+    names = [layer.name for layer in chosen]
+    assert names == ["layer3.0.out", "layer3.1.out", "layer4.0.out", "layer4.1.out"]
+    store = open_store(
+        extract(
+            trained["simclr"],
+            prepared,
+            "clean",
+            tmp_path / "s.zarr",
+            chunk_rows=64,
+            device="cpu",
+            layers=names,
+            examples=100,
+        )
+    )
+    assert [layer["name"] for layer in store.layers] == names
+    assert store["layer4.1.out"].shape[0] == 100
+    assert len(store.attrs["example_ids"]) == 100
+    np.testing.assert_array_equal(store["layer4.1.out"][...], reference_store["layer4.1.out"][:100])
+    with pytest.raises(ValueError, match="matches none"):
+        select_layers(layer_registry("resnet18", "simclr"), ["fc"], None)
+
+
+def test_interrupted_extraction_resumes_after_its_last_whole_chunk(
+    trained, prepared, tmp_path, reference_store, monkeypatch
+):
+    from ckaflow import activations
+
+    out = tmp_path / "s.zarr"
+    real_submit = activations._Writer.submit
+    submitted = []
+
+    def crash_on_third_chunk(self, rows, buffers, ready):
+        if len(submitted) == 2:
+            raise KeyboardInterrupt  # the process dies between two chunks
+        submitted.append(rows)
+        real_submit(self, rows, buffers, ready)
+
+    monkeypatch.setattr(activations._Writer, "submit", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        activations.extract(
+            trained["simclr"], prepared, "clean", out, batch_size=40, chunk_rows=64, device="cpu"
+        )
+    monkeypatch.setattr(activations._Writer, "submit", real_submit)
+    partial = tmp_path / ".s.zarr.partial"
+    assert not out.exists() and partial.exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        open_store(partial)  # a partial store is never read as complete
+    lines = []
+    activations.extract(
+        trained["simclr"],
+        prepared,
+        "clean",
+        out,
+        batch_size=40,
+        chunk_rows=64,
+        device="cpu",
+        log=lines.append,
+    )
+    assert any("after row 128" in line for line in lines)
+    store = open_store(out)
+    for layer in store.layers:
+        np.testing.assert_array_equal(
+            store[layer["name"]][...], reference_store[layer["name"]][...]
+        )
+    assert not partial.exists()
+
+
+def test_changed_settings_do_not_resume_a_foreign_partial_store(trained, prepared, tmp_path):
+    from ckaflow import activations
+
+    partial = tmp_path / ".s.zarr.partial"
+    zarr.open_group(partial, mode="w").attrs.update({"call_hash": "other", "rows_done": 64})
+    lines = []
+    activations.extract(
+        trained["simclr"],
+        prepared,
+        "clean",
+        tmp_path / "s.zarr",
+        chunk_rows=64,
+        device="cpu",
+        log=lines.append,
+    )
+    assert not any("resuming" in line for line in lines)
+    assert open_store(tmp_path / "s.zarr").attrs["complete"]

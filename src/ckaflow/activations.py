@@ -1,22 +1,144 @@
-"""Activation stores: every registered layer of one run on one view, as a chunked Zarr v3 group.
+"""Activation stores: the registered layers of one run on one view, as a chunked Zarr v3 group.
 
 Layout of `results/activations/<run>/<view>.zarr`: one array per layer, named by the layer,
-shape (examples, features) with features flattened from (C, H, W) in C-major order, float32,
-chunked along rows only (chunk height = the CKA batch size, so the Gram stage reads each chunk
-exactly once). Group attributes carry the run, view, layer registry, example ids, provenance and
-a `complete` flag; the store is written under a scratch name and renamed when whole.
+shape (examples, features) with features flattened from (C, H, W) in C-major order, chunked
+along rows only (chunk height = the CKA batch size, so the Gram stage reads each chunk exactly
+once). Stored dtype float32, float16, or bfloat16 (kept as its raw 16 bits, `uint16` on disk,
+decoded to float32 on read). Group attributes: run, view, layers (names, kinds, order), example
+ids, hashes of the model and data, code version, dtype, `rows_done` while writing, and the
+`complete` flag, set last.
+
+Writing: the forward pass copies each layer straight into a chunk buffer (pinned host memory
+behind a GPU); full chunks go to a background writer through a bounded pool of buffers, so
+compression and disk overlap the next forward pass and memory stays bounded (the forward pass
+waits when the writer falls behind). The store is built under `.<name>.partial`; an interrupted
+extraction resumes after the last chunk row written for every layer, and only a whole store is
+renamed into place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import queue
+import shutil
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from ckaflow.config import stable_hash
 from ckaflow.errors import StoreError
-from ckaflow.provenance import atomic_path, provenance
+from ckaflow.provenance import provenance
+
+DTYPES = ("float32", "float16", "bfloat16")
+CODECS = ("zstd", "lz4", "none")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    dtype: str = "float32"
+    codec: str = "zstd"
+    level: int = 1
+    chunk_rows: int = 256
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {DTYPES}")
+        if self.codec not in CODECS:
+            raise ValueError(f"codec {self.codec!r} is not one of {CODECS}")
+
+    def compressors(self):
+        if self.codec == "zstd":
+            return [zarr.codecs.ZstdCodec(level=self.level)]
+        if self.codec == "lz4":
+            return [zarr.codecs.BloscCodec(cname="lz4", clevel=self.level, shuffle="shuffle")]
+        return None
+
+    @property
+    def disk_dtype(self) -> str:
+        return "uint16" if self.dtype == "bfloat16" else self.dtype
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def _as_disk(buffer) -> np.ndarray:
+    """A torch buffer as the NumPy array that goes to disk (bfloat16 as its raw bits)."""
+    import torch
+
+    if buffer.dtype == torch.bfloat16:
+        return buffer.view(torch.int16).numpy().view(np.uint16)
+    return buffer.numpy()
+
+
+def decode_bfloat16(bits: np.ndarray) -> np.ndarray:
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+class _Writer:
+    """One background thread writing chunk rows in order; buffers cycle through a bounded pool."""
+
+    def __init__(self, group: zarr.Group, free: queue.Queue):
+        self.group = group
+        self.free = free
+        self.todo: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="ckaflow-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.todo.get()
+            if item is None:
+                return
+            rows, buffers, ready = item
+            try:
+                if self.error is None:
+                    if ready is not None:
+                        ready.synchronize()
+                    for name, buffer in buffers.items():
+                        self.group[name][rows] = _as_disk(buffer)[: rows.stop - rows.start]
+                    self.group.attrs["rows_done"] = rows.stop
+            except BaseException as err:  # re-raised in the forward thread
+                self.error = err
+            finally:
+                self.free.put(buffers)
+
+    def submit(self, rows: slice, buffers: dict, ready) -> None:
+        self.check()
+        self.todo.put((rows, buffers, ready))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.todo.put(None)
+        self.thread.join()
+        self.check()
+
+
+def _open_partial(partial: Path, call_hash: str, log) -> tuple[zarr.Group, int]:
+    """A partial store from an identical earlier call, or a fresh one."""
+    if partial.exists():
+        try:
+            group = zarr.open_group(partial, mode="r+")
+            if group.attrs.get("call_hash") == call_hash:
+                done = int(group.attrs.get("rows_done", 0))
+                log(f"resuming extraction into {partial} after row {done}")
+                return group, done
+        except Exception:  # an unreadable partial store is rebuilt, never trusted
+            pass
+        shutil.rmtree(partial)
+    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group.attrs.update(
+        {"kind": "ckaflow.activations", "call_hash": call_hash, "rows_done": 0, "complete": False}
+    )
+    return group, 0
 
 
 def extract(
@@ -27,59 +149,146 @@ def extract(
     batch_size: int = 256,
     chunk_rows: int = 256,
     device: str = "auto",
+    dtype: str = "float32",
+    codec: str = "zstd",
+    level: int = 1,
+    layers: list[str] | None = None,
+    examples: int | None = None,
+    buffers: int = 2,
+    log=print,
 ) -> Path:
-    """Run the trained network over one eval view and store every registered layer."""
+    """Run the trained network over one eval view and store the registered layers.
+
+    `layers`: names to keep (default: all, in registry order); `examples`: the first n eval
+    examples (default: all); `buffers`: chunk buffers in flight (memory bound).
+    """
     import torch
 
     from ckaflow.data import open_prepared
     from ckaflow.models import record_layers, resolve_device
     from ckaflow.train.loop import load_network
 
+    options = StoreOptions(dtype, codec, level, chunk_rows)
     dev = resolve_device(device)
     net, meta = load_network(model_path)
     net = net.to(dev)
     data = open_prepared(data_path)
-    pixels = data.view(view)
-    n = len(pixels)
+    view_array = data.group[f"views/{view}"]
+    n = view_array.shape[0] if examples is None else min(examples, view_array.shape[0])
     registry = net.registry()
+    wanted = [layer.name for layer in registry] if layers is None else list(layers)
+    unknown = sorted(set(wanted) - {layer.name for layer in registry})
+    if unknown:
+        raise StoreError(f"{model_path}: the model has no layers {unknown}")
+    chosen = [layer for layer in registry if layer.name in wanted]
+    call_hash = stable_hash(
+        [meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted]
+    )
     out = Path(out)
-    with atomic_path(out) as scratch:
-        group = zarr.open_group(scratch, mode="w", zarr_format=3)
-        arrays: dict[str, zarr.Array] = {}
-        with torch.no_grad(), record_layers(net) as captured:
-            for start in range(0, n, batch_size):
-                batch = torch.from_numpy(pixels[start : start + batch_size]).to(dev)
-                net(data.normalise(batch.float() / 255))
-                for layer in registry:
-                    values = captured[layer.name].float().cpu().numpy()
-                    if layer.name not in arrays:
-                        arrays[layer.name] = group.create_array(
-                            layer.name,
-                            shape=(n, values.shape[1]),
-                            chunks=(min(chunk_rows, n), values.shape[1]),
-                            dtype="float32",
-                        )
-                    arrays[layer.name][start : start + len(values)] = values
-        group.attrs.update(
-            provenance(
-                kind="ckaflow.activations",
-                run=meta["run"],
-                run_spec=meta["run_spec"],
-                view=view,
-                layers=[layer.as_dict() for layer in registry],
-                example_ids=data.group["eval/ids"][...].tolist(),
-                model_spec_hash=meta["spec_hash"],
-                data_spec_hash=data.attrs["spec_hash"],
-                n_examples=n,
-                complete=True,
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    group, start = _open_partial(partial, call_hash, log)
+
+    # feature counts from one example, then the arrays (unless resuming) and chunk buffers
+    with torch.no_grad(), record_layers(net, wanted) as probe:
+        net.eval()(data.normalise(torch.from_numpy(view_array[:1]).to(dev).float() / 255))
+    features = {name: probe[name].shape[1] for name in wanted}
+    for name, width in features.items():
+        if name not in group:
+            group.create_array(
+                name,
+                shape=(n, width),
+                chunks=(min(chunk_rows, n), width),
+                dtype=options.disk_dtype,
+                compressors=options.compressors(),
             )
+    pinned = dev.type == "cuda"
+    free: queue.Queue = queue.Queue()
+    for _ in range(max(1, buffers)):
+        free.put(
+            {
+                name: torch.empty((chunk_rows, width), dtype=_torch_dtype(dtype), pin_memory=pinned)
+                for name, width in features.items()
+            }
         )
+    writer = _Writer(group, free)
+    current: dict = {}
+    offset = 0
+
+    def sink(name: str, tensor) -> None:  # copy straight into the chunk buffer
+        current[name][offset : offset + len(tensor)].copy_(tensor, non_blocking=pinned)
+
+    try:
+        with torch.no_grad(), record_layers(net, wanted, sink=sink):
+            for chunk_start in range(start - start % chunk_rows, n, chunk_rows):
+                chunk = slice(chunk_start, min(chunk_start + chunk_rows, n))
+                current = free.get()  # waits while the writer is behind: back-pressure
+                writer.check()
+                for batch_start in range(chunk.start, chunk.stop, batch_size):
+                    rows = slice(batch_start, min(batch_start + batch_size, chunk.stop))
+                    offset = rows.start - chunk.start
+                    pixels = torch.from_numpy(view_array[rows]).to(dev, non_blocking=pinned)
+                    net(data.normalise(pixels.float() / 255))
+                ready = None
+                if pinned:  # the writer waits for this chunk's device-to-host copies only
+                    ready = torch.cuda.Event()
+                    ready.record()
+                writer.submit(chunk, current, ready)
+    finally:
+        writer.close()
+
+    group.attrs.update(
+        provenance(
+            kind="ckaflow.activations",
+            run=meta["run"],
+            run_spec=meta["run_spec"],
+            view=view,
+            layers=[layer.as_dict() for layer in chosen],
+            example_ids=data.group["eval/ids"][:n].tolist(),
+            model_spec_hash=meta["spec_hash"],
+            data_spec_hash=data.attrs["spec_hash"],
+            n_examples=n,
+            dtype=dtype,
+            codec=codec,
+            level=level,
+        )
+    )
+    group.attrs["complete"] = True  # last: only now is the store whole
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
     return out
+
+
+class LayerArray:
+    """A stored layer as a lazy (examples, features) array: slicing reads only those rows and
+    gives float32 for bfloat16 storage."""
+
+    def __init__(self, array: zarr.Array, dtype: str):
+        self.array = array
+        self.stored_dtype = dtype
+        self.shape = array.shape
+        self.chunks = array.chunks
+        self.attrs = array.attrs
+
+    @property
+    def dtype(self):
+        return np.dtype("float32") if self.stored_dtype == "bfloat16" else self.array.dtype
+
+    def __getitem__(self, key) -> np.ndarray:
+        values = self.array[key]
+        return decode_bfloat16(values) if self.stored_dtype == "bfloat16" else values
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LayerArray(shape={self.shape}, chunks={self.chunks}, dtype={self.stored_dtype})"
 
 
 @dataclass(frozen=True)
 class Store:
-    """An opened activation store: lazy Zarr arrays per layer plus their metadata."""
+    """An opened store: lazy arrays per layer plus their metadata."""
 
     path: Path
     group: zarr.Group
@@ -92,12 +301,19 @@ class Store:
     def layers(self) -> list[dict]:
         return self.attrs["layers"]
 
-    def __getitem__(self, layer: str) -> zarr.Array:
-        return self.group[layer]
+    def __getitem__(self, layer: str):
+        array = self.group[layer]
+        dtype = self.group.attrs.get("dtype")
+        return LayerArray(array, dtype) if dtype in DTYPES else array
 
 
 def open_store(path: str | Path, kind: str = "ckaflow.activations") -> Store:
-    """Open a complete store for reading; refuse a missing, partial or foreign one."""
+    """Open a complete store for reading; refuse a missing, partial or foreign one.
+
+    >>> store = open_store("results/activations/simclr-resnet18-w8-s0/clean.zarr")
+    >>> [layer["name"] for layer in store.layers][:3]
+    >>> x = store["layer3.1.out"][:256]  # rows 0..255 as a NumPy array
+    """
     path = Path(path)
     if not path.exists():
         raise StoreError(f"{path}: store does not exist")

@@ -84,6 +84,7 @@ def cmd_extract(args) -> None:
         "batch_size": args.batch_size,
         "chunk_rows": args.chunk_rows,
         "device": args.device,
+        **(json.loads(args.store) if args.store else {}),
     }
     _launch(args, "extract", extract, kwargs, key=args.out)
 
@@ -92,7 +93,9 @@ def cmd_gram(args) -> None:
     from ckaflow.cka.gram import gram_store, label_gram_store
 
     if args.labels:
-        label_gram_store(args.source, args.out, args.estimator, args.batch_size)
+        label_gram_store(
+            args.source, args.out, args.estimator, args.batch_size, examples=args.examples or None
+        )
     else:
         kwargs = {
             "activations": args.source,
@@ -181,11 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-rows", type=int, default=256)
+    p.add_argument(
+        "--store", default=None, help="JSON: {dtype, codec, level, layers, examples} (optional)"
+    )
     torch_options(p)
 
     p = stage("gram", cmd_gram, "Gram statistics of every layer of a store (or of the labels)")
     p.add_argument("--source", required=True, help="activation store, or data store (--labels)")
     p.add_argument("--labels", action="store_true", help="use the one-hot eval labels")
+    p.add_argument("--examples", type=int, default=0, help="first n examples (0: all; --labels)")
     p.add_argument("--out", required=True)
     p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
     p.add_argument("--batch-size", type=int, default=256)

@@ -130,12 +130,13 @@ def _query(cmd: list[str], timeout: float) -> str | None:
 
 
 def job_state(job_id: str, timeout: float) -> str | None:
-    """The job's state from accounting (`sacct`), falling back on `squeue`; None if unknown."""
-    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], timeout)
-    if out:
-        return out.splitlines()[-1].split()[0]
+    """The job's state, live from the controller (`squeue`) while it knows the job, else from
+    accounting (`sacct`, which may lag a little behind); None if neither answers."""
     out = _query(["squeue", "-j", job_id, "-h", "-o", "%T"], timeout)
-    return out.splitlines()[0].strip() if out else None
+    if out:
+        return out.splitlines()[0].strip()
+    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], timeout)
+    return out.splitlines()[-1].split()[0] if out else None
 
 
 class _LogTail:

@@ -10,6 +10,7 @@ plus `stem`, `pool` (global average pool) and the heads: `head.<i>` for the SimC
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import asdict, dataclass
 
 # arch -> (block type, blocks per stage)
@@ -67,3 +68,22 @@ def layer_registry(arch: str, method: str) -> list[Layer]:
 def label_layer() -> Layer:
     """The one-hot labels, compared like any layer (class structure)."""
     return Layer("labels", "labels", -1, -1, 0)
+
+
+def select_layers(
+    layers: list[Layer], kinds: list[str] | None = None, names: list[str] | None = None
+) -> list[Layer]:
+    """The layers whose kind is in `kinds` and whose name matches one of the glob `names`
+    (None: no restriction), in forward order; an empty result is an error."""
+    chosen = [
+        layer
+        for layer in layers
+        if (kinds is None or layer.kind in kinds)
+        and (names is None or any(fnmatch.fnmatchcase(layer.name, p) for p in names))
+    ]
+    if not chosen:
+        raise ValueError(
+            f"the layer selection kinds={kinds} names={names} matches none of "
+            f"{[layer.name for layer in layers]}"
+        )
+    return chosen

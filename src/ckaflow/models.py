@@ -113,10 +113,12 @@ def _hook_points(net: Network) -> dict[str, tuple[nn.Module, str]]:
 
 @contextlib.contextmanager
 def record_layers(
-    net: Network, names: list[str] | None = None
+    net: Network, names: list[str] | None = None, sink=None
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Within the context, each forward pass fills the yielded dict with a detached copy of every
-    requested layer, flattened to (batch, features)."""
+    requested layer, flattened to (batch, features). With `sink(name, tensor)`, each layer's
+    tensor goes to the sink instead, which must copy what it keeps before returning (the
+    tensor may be modified in place afterwards)."""
     points = _hook_points(net)
     wanted = [layer.name for layer in net.registry()] if names is None else names
     unknown = sorted(set(wanted) - set(points))
@@ -126,7 +128,10 @@ def record_layers(
     handles = []
 
     def keep(name: str, tensor: torch.Tensor) -> None:
-        captured[name] = tensor.detach().flatten(1).clone()
+        if sink is not None:
+            sink(name, tensor.detach().flatten(1))
+        else:
+            captured[name] = tensor.detach().flatten(1).clone()
 
     for name in wanted:
         module, where = points[name]

@@ -14,7 +14,7 @@ from functools import cached_property
 from typing import Any
 
 from ckaflow import config as cfg
-from ckaflow.layers import Layer, label_layer, layer_registry
+from ckaflow.layers import Layer, label_layer, layer_registry, select_layers
 
 RESULTS = "results"
 LABELS = "labels"
@@ -71,7 +71,10 @@ class Study:
         if side.is_labels:
             return [label_layer()]
         run = self.runs[side.run]
-        return layer_registry(run.model.arch, run.method)
+        selection = self.config["activations"]["layers"]
+        return select_layers(
+            layer_registry(run.model.arch, run.method), selection["kinds"], selection["names"]
+        )
 
     # -- comparisons -----------------------------------------------------------------------
     @cached_property

@@ -77,20 +77,25 @@ def gram_store(
 
 
 def label_gram_store(
-    data_path: str | Path, out: str | Path, estimator: str, batch_size: int
+    data_path: str | Path,
+    out: str | Path,
+    estimator: str,
+    batch_size: int,
+    examples: int | None = None,
 ) -> Path:
-    """Gram statistics of the one-hot eval labels (class structure as a representation)."""
+    """Gram statistics of the one-hot eval labels (class structure as a representation),
+    of the first `examples` eval examples (default all), like the activation stores."""
     from ckaflow.data import open_prepared
 
     data = open_prepared(data_path)
-    labels = one_hot(data.eval_labels(), data.attrs["num_classes"])
+    labels = one_hot(data.eval_labels()[:examples], data.attrs["num_classes"])
     stats = {"labels": _stats(labels, estimator, batch_size, "cpu", f"{data_path} labels")}
     attrs = {
         "run": "labels",
         "run_spec": None,
         "view": "labels",
         "layers": [label_layer().as_dict()],
-        "example_ids": data.group["eval/ids"][...].tolist(),
+        "example_ids": data.group["eval/ids"][: len(labels)].tolist(),
         "source": str(data_path),
     }
     return write_gram_store(Path(out), stats, attrs)
