@@ -26,7 +26,7 @@ def test_missing_dataset_is_an_error_for_people_not_a_traceback(tmp_path):
 
 def test_help_lists_every_stage():
     out = _ckaflow("--help").stdout
-    for stage in ("prepare", "train", "extract", "gram", "tile", "merge", "plot"):
+    for stage in ("prepare", "train", "extract", "gram", "tile", "merge", "plot", "inspect"):
         assert stage in out
 
 

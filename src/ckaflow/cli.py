@@ -138,6 +138,12 @@ def cmd_plot(args) -> None:
         print(path)
 
 
+def cmd_inspect(args) -> None:
+    from ckaflow.inspect import inspect_path
+
+    print(inspect_path(args.path, args.config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ckaflow", description="Layer-by-layer CKA of SimCLR and supervised networks."
@@ -215,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--config-hash", required=True)
     p.add_argument("tiles", nargs="+")
+
+    p = stage("inspect", cmd_inspect, "look inside an artifact or a results folder")
+    p.add_argument("path", help="a .zarr store, a .pt checkpoint, a table, or results/")
+    p.add_argument("--config", default=None, help="with results/: list what this study lacks")
 
     p = stage("plot", cmd_plot, "figures from the tidy table")
     p.add_argument("--table", required=True)
