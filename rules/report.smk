@@ -28,3 +28,17 @@ rule figures:
         CONDA_ENV
     shell:
         "ckaflow plot --table {input} --out-dir results/figures > {log} 2>&1"
+
+
+rule summary:
+    """The paper's claims, each a sentence with this run's numbers and a verdict."""
+    input:
+        "results/tables/cka.parquet",
+    output:
+        "results/summary.md",
+    log:
+        "results/logs/summary.log",
+    conda:
+        CONDA_ENV
+    shell:
+        "ckaflow summarize --table {input} --out {output} > {log} 2>&1"

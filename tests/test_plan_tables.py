@@ -9,7 +9,7 @@ from tests.conftest import tiny_config
 def test_comparisons_cover_the_study():
     study = Study(tiny_config(seeds=[0, 1]))
     kinds = pd.Series([c.kind for c in study.comparisons.values()]).value_counts().to_dict()
-    assert kinds == {"within": 4, "invariance": 4, "class": 4, "cross": 6}
+    assert kinds == {"within": 4, "invariance": 8, "class": 4, "cross": 6}
     assert ("simclr-resnet18-w4-s0", "aug2") in study.run_views()
 
 

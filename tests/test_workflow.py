@@ -73,9 +73,10 @@ def test_class_structure_and_invariance_are_compared(finished):
     assert set(classes["layer_b"]) == {"labels"}
     assert len(classes) == 28 + 27
     invariance = table[table["kind"] == "invariance"]
-    assert set(zip(invariance["view_a"], invariance["view_b"], strict=True)) == {("aug1", "aug2")}
+    views = set(zip(invariance["view_a"], invariance["view_b"], strict=True))
+    assert views == {("aug1", "aug2"), ("clean", "aug1")}
     per_layer = invariance[invariance["layer_a"] == invariance["layer_b"]]
-    assert len(per_layer) == 28 + 27
+    assert len(per_layer) == 2 * (28 + 27)
 
 
 @pytest.mark.e2e
@@ -83,9 +84,26 @@ def test_figures_and_artifacts_exist(finished):
     figures = sorted(p.name for p in (finished / "results" / "figures").glob("*.png"))
     assert "class.png" in figures and "invariance.png" in figures
     assert sum(name.startswith("within-") for name in figures) == 2
-    assert sum(name.startswith("cross-") for name in figures) == 1
+    pair = "simclr-resnet18-w4-s0-vs-supervised-resnet18-w4-s0"
+    for part in ("cross", "cross-odd", "cross-even"):
+        assert f"{part}-{pair}.png" in figures
+    assert "cross-diagonal.png" in figures
     assert all((finished / "results" / "figures" / f).stat().st_size > 10_000 for f in figures)
     assert list((finished / "results" / "activations").glob("*/aug2.zarr"))
+
+
+@pytest.mark.e2e
+def test_summary_states_each_claim_with_numbers(finished):
+    text = (finished / "results" / "summary.md").read_text()
+    for claim in (
+        "Early layers match",
+        "The last stage diverges",
+        "SimCLR fits augmentation invariance",
+        "Supervised learning fits the classes",
+    ):
+        assert claim in text
+    assert "In stage 4 the mean even-layer" in text
+    assert text.count("agrees") + text.count("disagrees") >= 5
 
 
 @pytest.mark.e2e

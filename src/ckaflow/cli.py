@@ -138,6 +138,12 @@ def cmd_plot(args) -> None:
         print(path)
 
 
+def cmd_summarize(args) -> None:
+    from ckaflow.summary import summarize
+
+    print(summarize(args.table, args.out))
+
+
 def cmd_inspect(args) -> None:
     from ckaflow.inspect import inspect_path
 
@@ -221,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--config-hash", required=True)
     p.add_argument("tiles", nargs="+")
+
+    p = stage("summarize", cmd_summarize, "the paper's claims with this run's numbers")
+    p.add_argument("--table", required=True)
+    p.add_argument("--out", required=True)
 
     p = stage("inspect", cmd_inspect, "look inside an artifact or a results folder")
     p.add_argument("path", help="a .zarr store, a .pt checkpoint, a table, or results/")

@@ -87,8 +87,9 @@ class Study:
             clean = Side(run, "clean")
             if "within" in wanted:
                 out.append(Comparison("within", clean, clean))
-            if "invariance" in wanted:
+            if "invariance" in wanted:  # two augmented views, and the clean image vs one
                 out.append(Comparison("invariance", Side(run, "aug1"), Side(run, "aug2")))
+                out.append(Comparison("invariance", clean, Side(run, "aug1")))
             if "class" in wanted:
                 out.append(Comparison("class", clean, labels))
         if "cross" in wanted:
@@ -155,9 +156,17 @@ class Study:
 
     def figures(self) -> list[str]:
         names = [f"within-{c.a.run}" for c in self.comparisons.values() if c.kind == "within"]
-        names += [
-            f"cross-{c.a.run}-vs-{c.b.run}" for c in self.comparisons.values() if c.kind == "cross"
-        ]
+        for c in self.comparisons.values():
+            if c.kind == "cross":
+                names += [f"cross{part}-{c.a.run}-vs-{c.b.run}" for part in ("", "-odd", "-even")]
         kinds = {c.kind for c in self.comparisons.values()}
-        names += [k for k in ("invariance", "class") if k in kinds]
+        names += [
+            name
+            for kind, name in (
+                ("cross", "cross-diagonal"),
+                ("invariance", "invariance"),
+                ("class", "class"),
+            )
+            if kind in kinds
+        ]
         return [f"{RESULTS}/figures/{name}.png" for name in names]
