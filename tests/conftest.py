@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,24 @@ from ckaflow import config
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
+BIN = Path(sys.executable).parent  # the venv's ckaflow and snakemake
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
+def snakemake_cmd(workdir: Path, configfile: Path, *args: str, cores: int = 2) -> list[str]:
+    """The real `snakemake` on the repository's workflow, in `workdir`, for one study."""
+    return [
+        str(BIN / "snakemake"),
+        "--snakefile",
+        str(REPO / "workflow" / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        str(cores),
+        *args,
+    ]
 
 
 def tiny_config(tmp_root: Path | None = None, **overrides) -> dict:

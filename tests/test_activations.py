@@ -56,37 +56,26 @@ def test_missing_or_foreign_store_is_refused(tmp_path, prepared):
 # -- storage options, selection, resumption -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference_store(trained, prepared, tmp_path_factory):
+def _extract(trained, prepared, out, **options):
+    """The SimCLR run's clean view, extracted with small batches and 64-row chunks."""
     from ckaflow.activations import extract
 
-    out = tmp_path_factory.mktemp("ref") / "clean.zarr"
-    return open_store(
-        extract(
-            trained["simclr"], prepared, "clean", out, batch_size=40, chunk_rows=64, device="cpu"
-        )
-    )
+    kw = {"batch_size": 40, "chunk_rows": 64, "device": "cpu", **options}
+    return open_store(extract(trained["simclr"], prepared, "clean", out, **kw))
+
+
+@pytest.fixture(scope="module")
+def reference_store(trained, prepared, tmp_path_factory):
+    return _extract(trained, prepared, tmp_path_factory.mktemp("ref") / "clean.zarr")
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_stores_hold_the_rounded_values(
     dtype, reference_store, trained, prepared, tmp_path
 ):
-    from ckaflow.activations import extract
     from ckaflow.cka import gram_stats
 
-    store = open_store(
-        extract(
-            trained["simclr"],
-            prepared,
-            "clean",
-            tmp_path / "s.zarr",
-            batch_size=40,
-            chunk_rows=64,
-            device="cpu",
-            dtype=dtype,
-        )
-    )
+    store = _extract(trained, prepared, tmp_path / "s.zarr", dtype=dtype)
     assert store.attrs["dtype"] == dtype
     for name in ("stem", "layer3.0.residual", "head.1"):
         full = torch.from_numpy(reference_store[name][...])
@@ -103,43 +92,19 @@ def test_half_precision_stores_hold_the_rounded_values(
 
 @pytest.mark.parametrize("codec", ["lz4", "none"])
 def test_codecs_store_identical_values(codec, reference_store, trained, prepared, tmp_path):
-    from ckaflow.activations import extract
 
-    store = open_store(
-        extract(
-            trained["simclr"],
-            prepared,
-            "clean",
-            tmp_path / "s.zarr",
-            batch_size=40,
-            chunk_rows=64,
-            device="cpu",
-            codec=codec,
-        )
-    )
+    store = _extract(trained, prepared, tmp_path / "s.zarr", codec=codec)
     for name in ("stem", "layer4.1.out"):
         np.testing.assert_array_equal(store[name][...], reference_store[name][...])
 
 
 def test_layer_selection_and_example_count(trained, prepared, tmp_path, reference_store):
-    from ckaflow.activations import extract
     from ckaflow.layers import select_layers
 
     chosen = select_layers(layer_registry("resnet18", "simclr"), ["out"], ["layer[34].*"])
     names = [layer.name for layer in chosen]
     assert names == ["layer3.0.out", "layer3.1.out", "layer4.0.out", "layer4.1.out"]
-    store = open_store(
-        extract(
-            trained["simclr"],
-            prepared,
-            "clean",
-            tmp_path / "s.zarr",
-            chunk_rows=64,
-            device="cpu",
-            layers=names,
-            examples=100,
-        )
-    )
+    store = _extract(trained, prepared, tmp_path / "s.zarr", layers=names, examples=100)
     assert [layer["name"] for layer in store.layers] == names
     assert store["layer4.1.out"].shape[0] == 100
     assert len(store.attrs["example_ids"]) == 100

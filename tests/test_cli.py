@@ -1,17 +1,11 @@
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
-from tests.conftest import tiny_config
-
-BIN = Path(sys.executable).parent
+from tests.conftest import ENV, tiny_config
 
 
 def _ckaflow(*args, **kw):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(["ckaflow", *args], capture_output=True, text=True, env=env, **kw)
+    return subprocess.run(["ckaflow", *args], capture_output=True, text=True, env=ENV, **kw)
 
 
 def test_missing_dataset_is_an_error_for_people_not_a_traceback(tmp_path):

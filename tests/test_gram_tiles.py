@@ -109,3 +109,22 @@ def test_nan_activations_are_refused_naming_the_layer(activations, tmp_path):
     with pytest.raises(StoreError, match=r"layer layer2\.0\.out: 1 non-finite"):
         gram_store(broken, tmp_path / "g.zarr", "minibatch", 64)
     assert not (tmp_path / "g.zarr").exists()
+
+
+def test_gram_store_of_another_estimator_is_refused(grams, tmp_path):
+    import shutil
+
+    other = tmp_path / "other.zarr"
+    shutil.copytree(grams[("simclr", "aug1")], other)
+    zarr.open_group(other, mode="r+").attrs["estimator"] = "linear"
+    with pytest.raises(TileError, match="hold minibatch/linear statistics"):
+        compute_tile(
+            "x",
+            "cross",
+            str(grams[("simclr", "clean")]),
+            str(other),
+            range(0, 1),
+            range(0, 1),
+            "minibatch",
+            str(tmp_path / "t.parquet"),
+        )

@@ -44,3 +44,12 @@ def test_merge_refuses_duplicate_pairs_and_missing_columns(tmp_path):
     with pytest.raises(ValueError, match="lack columns"):
         merge_tiles([old], tmp_path / "out.parquet", "h")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_cut_short_tile_is_named(tmp_path):
+    from ckaflow.errors import TableError
+
+    tile = tmp_path / "r0c0.parquet"
+    tile.write_bytes(b"PAR1 cut short")
+    with pytest.raises(TableError, match=r"r0c0\.parquet: not a readable CKA tile"):
+        merge_tiles([tile], tmp_path / "out.parquet", "h")

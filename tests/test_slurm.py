@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,11 +24,9 @@ from ckaflow import config, data
 from ckaflow.launch import ACTIVE, SlurmSpec, StageFailed, job_state, run_stage
 from ckaflow.train import train_run
 from tests import slurm_jobs
-from tests.conftest import REPO, tiny_config
+from tests.conftest import ENV, REPO, snakemake_cmd, tiny_config
 
 pytestmark = pytest.mark.slurm
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture(scope="session")
@@ -170,25 +167,18 @@ def test_a_job_result_comes_back_and_a_rerun_takes_it_instead_of_resubmitting(cl
     since = _since()
     lines: list[str] = []
     spec = _spec()
-    first = run_stage(
-        "demo",
-        slurm_jobs.add,
-        {"a": 2, "b": 3},
-        backend="slurm",
-        key="k/add",
-        slurm=spec,
-        records=tmp_path,
-        log=lines.append,
-    )
-    again = run_stage(
-        "demo",
-        slurm_jobs.add,
-        {"a": 2, "b": 3},
-        backend="slurm",
-        key="k/add",
-        slurm=spec,
-        records=tmp_path,
-        log=lines.append,
+    first, again = (
+        run_stage(
+            "demo",
+            slurm_jobs.add,
+            {"a": 2, "b": 3},
+            backend="slurm",
+            key="k/add",
+            slurm=spec,
+            records=tmp_path,
+            log=lines.append,
+        )
+        for _ in range(2)
     )
     assert first == again == 5
     assert any("taking the result of SLURM job" in line for line in lines)
@@ -317,28 +307,14 @@ def test_a_job_past_its_time_limit_is_requeued_and_completes(cluster, slow_data,
     assert jobs.query(f"id == '{record['job_id']}'")["state"].tolist() == ["COMPLETED"]
 
 
-def _snakemake(workdir: Path, configfile: Path, *args, **kw) -> subprocess.Popen:
-    cmd = [
-        str(BIN / "snakemake"),
-        "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        "--cores",
-        "4",
-        "--rerun-incomplete",
-        *args,
-    ]
+def _snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        cmd,
+        snakemake_cmd(workdir, configfile, "--rerun-incomplete", cores=4),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=ENV,
-        start_new_session=True,
-        **kw,
+        start_new_session=True,  # its own process group, to be killed whole
     )
 
 
@@ -391,17 +367,8 @@ def test_killed_workflow_reattaches_to_its_running_job(cluster, tmp_path):
     job_id = json.loads(record.read_text())["job_id"]
     assert job_state(job_id, 10) in ACTIVE  # still queued or running: nothing cancelled it
 
-    subprocess.run(
-        [
-            str(BIN / "snakemake"),
-            "--snakefile",
-            str(REPO / "workflow" / "Snakefile"),
-            "--directory",
-            str(workdir),
-            "--configfile",
-            str(configfile),
-            "--unlock",
-        ],
+    subprocess.run(  # a SIGKILLed Snakemake leaves its lock behind
+        snakemake_cmd(workdir, configfile, "--unlock"),
         env=ENV,
         check=True,
         capture_output=True,

@@ -71,3 +71,10 @@ def test_simclr_trains_on_real_images(prepared, tmp_path):
     train_run(run, config.augment_spec(cfg), prepared, tmp_path, device="cpu", log=print)
     losses = pd.read_parquet(tmp_path / "metrics.parquet")["loss"].tolist()
     assert losses[-1] < losses[0]
+
+
+def test_a_training_checkpoint_is_not_taken_for_a_model(trained):
+    from ckaflow.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="not a finished model.pt"):
+        load_network(trained["simclr"].parent / "checkpoint.pt")

@@ -1,8 +1,6 @@
 """The real Snakemake workflow, end to end, on a tiny study of real Fashion-MNIST images."""
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,27 +8,14 @@ import pandas as pd
 import pytest
 
 from ckaflow.tables import COLUMNS
-from tests.conftest import REPO
+from tests.conftest import ENV, REPO, snakemake_cmd
 
-BIN = Path(sys.executable).parent
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
 def snakemake(workdir: Path, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [
-        str(BIN / "snakemake"),
-        "--snakefile",
-        str(REPO / "workflow" / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(TINY),
-        "--cores",
-        "2",
-        *args,
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    cmd = snakemake_cmd(workdir, TINY, *args)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 

@@ -326,9 +326,3 @@ def open_store(path: str | Path, kind: str = "ckaflow.activations") -> Store:
     if not group.attrs.get("complete"):
         raise StoreError(f"{path}: store is incomplete (no completion flag); rerun its stage")
     return Store(path, group)
-
-
-def check_finite(values: np.ndarray, where: str) -> None:
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values)).sum())
-        raise StoreError(f"{where}: {bad} non-finite values (NaN or Inf)")

@@ -24,3 +24,7 @@ class TileError(CkaflowError, ValueError):
 
 class CheckpointError(CkaflowError, RuntimeError):
     """A checkpoint that cannot be read or belongs to another run."""
+
+
+class TableError(CkaflowError, ValueError):
+    """CKA tiles or tables that cannot be merged (missing, from an older schema, overlapping)."""

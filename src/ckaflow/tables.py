@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ckaflow.errors import TableError
 from ckaflow.provenance import atomic_path, code_version
 
 # Integer columns that are absent on the labels side: nullable, so parquet keeps them integers.
@@ -44,16 +45,25 @@ COLUMNS = (
 def merge_tiles(tiles: list[str | Path], out: str | Path, config_hash: str) -> pd.DataFrame:
     """Concatenate tile tables, check them, stamp provenance, write parquet and CSV."""
     if not tiles:
-        raise ValueError("no CKA tiles to merge")
-    frames = [pd.read_parquet(p) for p in tiles]
+        raise TableError("no CKA tiles to merge")
+    frames = []
+    for path in tiles:
+        try:
+            frames.append(pd.read_parquet(path))
+        except (OSError, ValueError) as err:  # pyarrow raises both for a missing or cut file
+            raise TableError(
+                f"{path}: not a readable CKA tile ({err}); rerun its cka stage"
+            ) from err
     table = pd.concat(frames, ignore_index=True)
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
-        raise ValueError(f"tile tables lack columns {missing}; rerun the cka stage")
+        raise TableError(
+            f"tile tables lack columns {missing} (an older schema?); rerun the cka stages"
+        )
     table = table.loc[:, list(COLUMNS)].astype({c: "Int64" for c in NULLABLE_INT})
     duplicated = table.duplicated(["comparison", "layer_a", "layer_b"])
     if duplicated.any():
-        raise ValueError(f"{int(duplicated.sum())} layer pairs appear in more than one tile")
+        raise TableError(f"{int(duplicated.sum())} layer pairs appear in more than one tile")
     table = table.sort_values(["comparison", "layer_index_a", "layer_index_b"], ignore_index=True)
     table["config_hash"] = config_hash
     table["merged_by"] = code_version()

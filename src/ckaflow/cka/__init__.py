@@ -15,8 +15,8 @@ from ckaflow.cka.estimators import (
     one_hot,
     u_center,
 )
-from ckaflow.cka.matrix import cka_interval, cka_matrix
-from ckaflow.cka.stats import ESTIMATORS, GramStats, cka_between, gram_stats
+from ckaflow.cka.matrix import cka_matrix
+from ckaflow.cka.stats import ESTIMATORS, GramStats, cka_between, cka_interval, gram_stats
 
 __all__ = [
     "ESTIMATORS",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ckaflow.cka.stats import GramStats, bootstrap_cka, cka_between, gram_stats
+from ckaflow.cka.stats import GramStats, cka_between, gram_stats
 
 
 def _names(reps) -> list[str]:
@@ -65,15 +65,3 @@ def cka_matrix(
         return cka_between(stats_a, stats_a, device)
     stats_b = stats_of(reps_b, estimator=estimator, batch_size=batch_size, device=device)
     return cka_between(stats_a, stats_b, device)
-
-
-def cka_interval(
-    stats_a: list[GramStats],
-    stats_b: list[GramStats],
-    *,
-    bootstrap: int,
-    seed: int = 0,
-    level: float = 0.95,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Bootstrap confidence interval (low, high) of every pair, from stored statistics."""
-    return bootstrap_cka(stats_a, stats_b, replicates=bootstrap, seed=seed, level=level)

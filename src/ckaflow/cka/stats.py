@@ -275,11 +275,11 @@ def _block_hsics(stats: list[GramStats], other: list[GramStats]):
     return np.stack(cross), np.stack(self_a), np.stack(self_b)
 
 
-def bootstrap_cka(
+def cka_interval(
     stats_a: list[GramStats],
     stats_b: list[GramStats],
     *,
-    replicates: int,
+    bootstrap: int,
     seed: int = 0,
     level: float = 0.95,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -291,24 +291,24 @@ def bootstrap_cka(
     legitimate). debiased: refused — a resampled U-statistic would pair an example with its own
     copy, which inflates every value.
     """
-    if replicates < 1:
-        raise ValueError(f"bootstrap needs >= 1 replicate, got {replicates}")
+    if bootstrap < 1:
+        raise ValueError(f"bootstrap needs >= 1 replicate, got {bootstrap}")
     for other in [*stats_a[1:], *stats_b]:
         check_comparable(stats_a[0], other)
     estimator = stats_a[0].estimator
     rng = np.random.default_rng(seed)
-    draws = np.empty((replicates, len(stats_a), len(stats_b)))
+    draws = np.empty((bootstrap, len(stats_a), len(stats_b)))
     if estimator == "minibatch":
         cross, self_a, self_b = _block_hsics(stats_a, stats_b)
         n_blocks = len(cross)
-        for r in range(replicates):
+        for r in range(bootstrap):
             counts = np.bincount(rng.integers(0, n_blocks, n_blocks), minlength=n_blocks)
             draws[r] = _normalise(
                 np.tensordot(counts, cross, axes=1), counts @ self_a, counts @ self_b
             )
     elif estimator in ("linear", "rbf"):
         n = stats_a[0].n
-        for r in range(replicates):
+        for r in range(bootstrap):
             idx = rng.integers(0, n, n)
 
             def vector(stats: GramStats, idx=idx) -> np.ndarray:

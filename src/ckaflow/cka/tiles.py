@@ -55,15 +55,16 @@ def compute_tile(
     import pandas as pd
 
     from ckaflow.cka.gram import load_stats, open_gram
-    from ckaflow.cka.stats import bootstrap_cka, cka_between
+    from ckaflow.cka.stats import cka_between, cka_interval
     from ckaflow.provenance import atomic_path, code_version
 
     a, b = open_gram(gram_a), open_gram(gram_b)
     _check_alignment(a, b)
-    if a.attrs["estimator"] != estimator or b.attrs["estimator"] != estimator:
+    held = (a.attrs.get("estimator"), b.attrs.get("estimator"))
+    if held != (estimator, estimator):
         raise TileError(
-            f"the Gram stores hold {a.attrs['estimator']}/{b.attrs['estimator']} statistics, "
-            f"but the tile asks for {estimator}; recompute the gram stage"
+            f"{gram_a} and {gram_b} hold {held[0]}/{held[1]} statistics, but the tile asks "
+            f"for {estimator}; delete them and rerun the gram stage"
         )
     block_rows = a.attrs["block_rows"]
     layers_a = [a.layers[i] for i in rows]
@@ -73,7 +74,7 @@ def compute_tile(
     values = cka_between(stats_a, stats_b)  # tiny next to the Gram stage: CPU
     low = high = np.full_like(values, np.nan)
     if bootstrap:
-        low, high = bootstrap_cka(stats_a, stats_b, replicates=bootstrap, seed=seed)
+        low, high = cka_interval(stats_a, stats_b, bootstrap=bootstrap, seed=seed)
     records = []
     for i, la in enumerate(layers_a):
         for j, lb in enumerate(layers_b):

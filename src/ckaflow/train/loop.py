@@ -12,6 +12,7 @@ from ckaflow import evaluate
 from ckaflow.augment import hash_seed
 from ckaflow.config import AugmentSpec, ModelSpec, RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
+from ckaflow.errors import CheckpointError
 from ckaflow.models import Network, resolve_device
 from ckaflow.provenance import atomic_path, provenance
 from ckaflow.train import checkpoint
@@ -161,7 +162,12 @@ def train_run(
 def load_network(model_path: str | Path) -> tuple[Network, dict]:
     """Rebuild a trained network from `model.pt`, in eval mode."""
     state = checkpoint.load(Path(model_path))
-    meta = state["meta"]
+    meta = state.get("meta")
+    if not meta or "run_spec" not in meta:
+        raise CheckpointError(
+            f"{model_path}: a training checkpoint or foreign file, not a finished model.pt "
+            "(it has no run metadata); rerun the train stage"
+        )
     run = meta["run_spec"]
     net = build_network(
         run["method"], ModelSpec(**run["model"]), meta["data_attrs"], meta["head_outputs"]
