@@ -17,9 +17,14 @@ def tile_range(wildcards, axis):
 
 
 
-# Where heavy stages run reaches the `ckaflow` commands through the environment, not through
-# params: moving a study between the laptop and the cluster must not rerun anything.
-os.environ.update(CKAFLOW_BACKEND=config["backend"], CKAFLOW_SLURM=json.dumps(config["slurm"]))
+# Where heavy stages run, and how often training checkpoints, reach the `ckaflow` commands
+# through the environment, not through params: moving a study between the laptop and the
+# cluster, or checkpointing more often, must not rerun anything.
+os.environ.update(
+    CKAFLOW_BACKEND=config["backend"],
+    CKAFLOW_SLURM=json.dumps(config["slurm"]),
+    CKAFLOW_CHECKPOINT=json.dumps(config["checkpoint"]),
+)
 
 
 def store_options(run, view):
@@ -32,3 +37,29 @@ def store_options(run, view):
         "layers": [layer.name for layer in STUDY.layers(Side(run, view))],
         "examples": act["examples"],
     }
+
+
+# Captions of the report (`snakemake --report`): one per family of figures.
+FIGURE_FAMILIES = {
+    "within-": ("within.rst", "Within-model CKA"),
+    "cross-odd-": ("cross-odd-even.rst", "Cross-model CKA"),
+    "cross-even-": ("cross-odd-even.rst", "Cross-model CKA"),
+    "cross-diagonal": ("cross-diagonal.rst", "Cross-model CKA"),
+    "cross-": ("cross.rst", "Cross-model CKA"),
+    "invariance": ("invariance.rst", "Invariance and class structure"),
+    "class": ("class.rst", "Invariance and class structure"),
+    "probes": ("probes.rst", "Linear probes"),
+}
+
+
+def _family(path):
+    name = os.path.basename(path)
+    return next(v for prefix, v in FIGURE_FAMILIES.items() if name.startswith(prefix))
+
+
+def figure_caption(path):
+    return f"../workflow/report/{_family(path)[0]}"
+
+
+def figure_category(path):
+    return _family(path)[1]

@@ -17,28 +17,38 @@ rule merge_tables:
 
 
 rule figures:
-    """Within- and cross-model heatmaps, invariance and class structure against depth."""
+    """Heatmaps, curves against depth and probe accuracy, as PNG and PDF."""
     input:
-        "results/tables/cka.parquet",
+        cka="results/tables/cka.parquet",
+        probes="results/tables/probes.parquet",
     output:
-        STUDY.figures(),
+        [
+            report(path, caption=figure_caption(path), category=figure_category(path))
+            if path.endswith(".png")
+            else path
+            for path in STUDY.figures()
+        ],
+    params:
+        style=spec(config["plots"]),
     log:
         "results/logs/figures.log",
     conda:
         CONDA_ENV
     shell:
-        "ckaflow plot --table {input} --out-dir results/figures > {log} 2>&1"
+        "ckaflow plot --table {input.cka} --probes {input.probes} --style {params.style}"
+        " --out-dir results/figures > {log} 2>&1"
 
 
 rule summary:
     """The paper's claims, each a sentence with this run's numbers and a verdict."""
     input:
-        "results/tables/cka.parquet",
+        cka="results/tables/cka.parquet",
+        probes="results/tables/probes.parquet",
     output:
-        "results/summary.md",
+        report("results/summary.md", caption="../workflow/report/summary.rst", category="Summary"),
     log:
         "results/logs/summary.log",
     conda:
         CONDA_ENV
     shell:
-        "ckaflow summarize --table {input} --out {output} > {log} 2>&1"
+        "ckaflow summarize --table {input.cka} --probes {input.probes} --out {output} > {log} 2>&1"

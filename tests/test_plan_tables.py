@@ -9,7 +9,8 @@ from tests.conftest import tiny_config
 def test_comparisons_cover_the_study():
     study = Study(tiny_config(seeds=[0, 1]))
     kinds = pd.Series([c.kind for c in study.comparisons.values()]).value_counts().to_dict()
-    assert kinds == {"within": 4, "invariance": 8, "class": 4, "cross": 6}
+    # within: 4 runs x 3 views; invariance: aug1-aug2 and clean-aug1 per run
+    assert kinds == {"within": 12, "invariance": 8, "class": 4, "cross": 6}
     assert ("simclr-resnet18-w4-s0", "aug2") in study.run_views()
 
 
@@ -28,6 +29,8 @@ def test_tiles_cover_every_layer_pair_exactly_once():
 def test_only_requested_comparisons_and_their_views():
     study = Study(tiny_config(cka={"comparisons": ["within"]}))
     assert {c.kind for c in study.comparisons.values()} == {"within"}
+    assert {view for _, view in study.run_views()} == {"clean", "aug1", "aug2"}
+    study = Study(tiny_config(cka={"comparisons": ["class"]}))
     assert {view for _, view in study.run_views()} == {"clean"}
 
 

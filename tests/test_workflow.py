@@ -47,7 +47,7 @@ def test_every_layer_with_itself_is_one_and_every_value_finite(finished):
     table = pd.read_parquet(finished / "results" / "tables" / "cka.parquet")
     assert np.isfinite(table["value"]).all()
     diagonal = table[(table["kind"] == "within") & (table["layer_a"] == table["layer_b"])]
-    assert len(diagonal) == 28 + 27  # every layer of both runs
+    assert len(diagonal) == 3 * (28 + 27)  # every layer of both runs, on each view
     np.testing.assert_allclose(diagonal["value"], 1.0, atol=1e-6)
 
 
@@ -67,8 +67,10 @@ def test_class_structure_and_invariance_are_compared(finished):
 @pytest.mark.e2e
 def test_figures_and_artifacts_exist(finished):
     figures = sorted(p.name for p in (finished / "results" / "figures").glob("*.png"))
-    assert "class.png" in figures and "invariance.png" in figures
-    assert sum(name.startswith("within-") for name in figures) == 2
+    assert "class.png" in figures and "invariance.png" in figures and "probes.png" in figures
+    assert sum(name.startswith("within-") for name in figures) == 2 * 3  # runs x views
+    pdfs = {p.stem for p in (finished / "results" / "figures").glob("*.pdf")}
+    assert pdfs == {Path(name).stem for name in figures}
     pair = "simclr-resnet18-w4-s0-vs-supervised-resnet18-w4-s0"
     for part in ("cross", "cross-odd", "cross-even"):
         assert f"{part}-{pair}.png" in figures
@@ -89,9 +91,88 @@ def test_summary_states_each_claim_with_numbers(finished):
         assert claim in text
     assert "In stage 4 the mean even-layer" in text
     assert text.count("agrees") + text.count("disagrees") >= 5
+    assert "linear probe at the pooled features" in text and "untrained" in text
+
+
+@pytest.mark.e2e
+def test_run_tables_training_probes_runs(finished):
+    tables = finished / "results" / "tables"
+    training = pd.read_parquet(tables / "training.parquet")
+    assert set(training["run"]) == {"simclr-resnet18-w4-s0", "supervised-resnet18-w4-s0"}
+    assert training["loss"].notna().all() and (training["images_per_s"] > 0).all()
+    probes = pd.read_parquet(tables / "probes.parquet")
+    assert set(probes["encoder"]) == {"trained", "untrained"}
+    per_run = probes.groupby(["run", "encoder"])["layer"].nunique().to_dict()
+    assert per_run[("simclr-resnet18-w4-s0", "trained")] == 28
+    assert per_run[("supervised-resnet18-w4-s0", "untrained")] == 27
+    assert probes["eval_accuracy"].between(0, 1).all()
+    runs = pd.read_parquet(tables / "runs.parquet")
+    assert len(runs) == 2 and runs["knn_accuracy"].between(0, 1).all()
+    assert runs["linear_accuracy"].notna().all() and (runs["train_seconds"] > 0).all()
+    assert (runs["recipe_optimizer"] == ["adamw", "sgd"]).all()
+    for name in ("training", "probes", "runs"):
+        assert len(pd.read_csv(tables / f"{name}.csv")) > 0
+
+
+@pytest.mark.e2e
+def test_report_is_one_html_file_with_every_figure(finished):
+    snakemake(finished, "--report", "report.html")
+    html = (finished / "report.html").read_text(errors="replace")
+    assert len(html) > 100_000
+    for caption in ("Within-model CKA of one run", "Linear separability per layer"):
+        assert caption in html
 
 
 @pytest.mark.e2e
 def test_second_run_has_nothing_to_do(finished):
     result = snakemake(finished, "--dry-run")
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def planned_jobs(workdir: Path, **changes) -> dict[str, int]:
+    """The jobs `snakemake -n` would run after changing the tiny study: rule -> count."""
+    import yaml
+
+    cfg = yaml.safe_load(TINY.read_text())
+    for key, value in changes.items():
+        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
+    changed = workdir / "changed.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    cmd = snakemake_cmd(workdir, changed, "--dry-run")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    if "Nothing to be done" in out:
+        return {}
+    stats = out.split("Job stats:")[1].split("\n\n")[0].splitlines()[3:]  # after the header
+    jobs = dict(line.split() for line in stats if line.strip())
+    jobs = {rule: int(count) for rule, count in jobs.items() if rule != "total"}
+    jobs.pop("all", None)
+    return jobs
+
+
+@pytest.mark.e2e
+def test_adding_a_seed_computes_only_what_involves_it(finished):
+    jobs = planned_jobs(finished, seeds=[0, 1])
+    new_runs = 2  # simclr and supervised with seed 1
+    assert jobs["train"] == new_runs and jobs["evaluate"] == new_runs
+    assert jobs["extract"] == jobs["gram"] == new_runs * 3  # three views each
+    assert "prepare_data" not in jobs and "gram_labels" not in jobs
+    # tiles per comparison: ceil(28/16) x ceil(28/16) for run-vs-run, x 1 against the labels
+    study_new = {"within": 3, "invariance": 2, "class": 1}  # per new run
+    tiles_run_run, tiles_run_labels = 4, 2
+    per_new_run = (study_new["within"] + study_new["invariance"]) * tiles_run_run
+    per_new_run += study_new["class"] * tiles_run_labels
+    cross_pairs_with_new = 5  # 4 runs: 6 pairs, one of which (both seed 0) already exists
+    expected_tiles = new_runs * per_new_run + cross_pairs_with_new * tiles_run_run
+    assert jobs["cka_tile"] == expected_tiles
+    assert {"merge_tables", "figures", "summary", "run_tables"} <= set(jobs)
+
+
+@pytest.mark.e2e
+def test_a_cka_setting_reruns_only_cka_stages_and_a_plot_setting_only_figures(finished):
+    jobs = planned_jobs(finished, cka={"bootstrap": 30})
+    assert set(jobs) == {"cka_tile", "merge_tables", "figures", "summary"}
+    jobs = planned_jobs(finished, plots={"dpi": 90})
+    assert set(jobs) == {"figures"}
+    assert planned_jobs(finished, checkpoint={"every_min": 1}) == {}  # execution setting

@@ -168,3 +168,10 @@ def sample_simclr_per_example(
         sample_simclr(1, spec, gen) for gen in per_example_generators(seed, stream, example_ids)
     ]
     return {key: torch.cat([d[key] for d in draws]) for key in draws[0]}
+
+
+def take_rows(params, rows):
+    """Some rows' parameters of a batch: a dict of per-image tensors, or a tuple of such dicts."""
+    if isinstance(params, tuple):
+        return tuple(take_rows(p, rows) for p in params)
+    return {key: value[rows] for key, value in params.items()}

@@ -59,6 +59,7 @@ def _launch(args, stage: str, fn, kwargs: dict, key: str):
 def cmd_train(args) -> None:
     from ckaflow import config
     from ckaflow.train import train_run
+    from ckaflow.train.loop import CheckpointPolicy
 
     _set_threads(args.threads)
     spec = json.loads(args.spec)
@@ -68,8 +69,30 @@ def cmd_train(args) -> None:
         "data_path": args.data,
         "out_dir": args.out_dir,
         "device": args.device,
+        "policy": CheckpointPolicy(**json.loads(args.checkpoint)),
     }
     _launch(args, "train", train_run, kwargs, key=args.out_dir)
+
+
+def cmd_evaluate(args) -> None:
+    from ckaflow.evaluate import probe_run
+
+    _set_threads(args.threads)
+    kwargs = {
+        "model_path": args.model,
+        "data_path": args.data,
+        "out": args.out,
+        "device": args.device,
+        **(json.loads(args.spec) if args.spec else {}),
+    }
+    _launch(args, "evaluate", probe_run, kwargs, key=args.out)
+
+
+def cmd_run_tables(args) -> None:
+    from ckaflow.tables import run_tables
+
+    for path in run_tables(args.runs, args.out_dir):
+        print(path)
 
 
 def cmd_extract(args) -> None:
@@ -134,14 +157,15 @@ def cmd_merge(args) -> None:
 def cmd_plot(args) -> None:
     from ckaflow.plots import plot_all
 
-    for path in plot_all(args.table, args.out_dir):
+    style = json.loads(args.style) if args.style else None
+    for path in plot_all(args.table, args.out_dir, probes=args.probes, style=style):
         print(path)
 
 
 def cmd_summarize(args) -> None:
     from ckaflow.summary import summarize
 
-    print(summarize(args.table, args.out))
+    print(summarize(args.table, args.out, probes=args.probes))
 
 
 def cmd_inspect(args) -> None:
@@ -187,7 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="JSON: {run, augment}")
     p.add_argument("--data", required=True)
     p.add_argument("--out-dir", required=True)
+    p.add_argument(
+        "--checkpoint",
+        default=os.environ.get("CKAFLOW_CHECKPOINT", "{}"),
+        help="JSON: {every_min, every_steps} (default: $CKAFLOW_CHECKPOINT or every 10 min)",
+    )
     torch_options(p)
+
+    p = stage("evaluate", cmd_evaluate, "linear probes of a trained run at every layer")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="probes table (parquet)")
+    p.add_argument(
+        "--spec", default=None, help="JSON: {layers, steps, weight_decay, untrained} (optional)"
+    )
+    torch_options(p)
+
+    p = stage("run-tables", cmd_run_tables, "training, probes and runs tables of trained runs")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("runs", nargs="+", help="run folders (model.pt, metrics.parquet, probes)")
 
     p = stage("extract", cmd_extract, "store every layer's activations for one view")
     p.add_argument("--model", required=True)
@@ -230,14 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("summarize", cmd_summarize, "the paper's claims with this run's numbers")
     p.add_argument("--table", required=True)
+    p.add_argument("--probes", default=None, help="probes.parquet (optional)")
     p.add_argument("--out", required=True)
 
     p = stage("inspect", cmd_inspect, "look inside an artifact or a results folder")
     p.add_argument("path", help="a .zarr store, a .pt checkpoint, a table, or results/")
     p.add_argument("--config", default=None, help="with results/: list what this study lacks")
 
-    p = stage("plot", cmd_plot, "figures from the tidy table")
-    p.add_argument("--table", required=True)
+    p = stage("plot", cmd_plot, "figures from the tidy tables")
+    p.add_argument("--table", required=True, help="cka.parquet")
+    p.add_argument("--probes", default=None, help="probes.parquet (optional)")
+    p.add_argument("--style", default=None, help="JSON: the config's plots section {dpi, cmap}")
     p.add_argument("--out-dir", required=True)
     return parser
 

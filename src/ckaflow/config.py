@@ -79,6 +79,15 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# Settings that change how or where a study runs, or how figures look, but never a number in a
+# table: left out of the config hash that tables record, so changing them reruns nothing.
+NOT_IN_RESULTS = ("backend", "slurm", "checkpoint", "plots")
+
+
+def results_hash(config: dict[str, Any]) -> str:
+    return stable_hash({k: v for k, v in config.items() if k not in NOT_IN_RESULTS})
+
+
 # ---------------------------------------------------------------------------------------------
 # Typed, frozen views of the parts each stage needs.
 
@@ -118,6 +127,9 @@ class RecipeSpec:
     warmup_epochs: int
     temperature: float
     proj_dim: int
+    lars_eta: float
+    precision: str
+    channels_last: bool
 
 
 @dataclass(frozen=True)

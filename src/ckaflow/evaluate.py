@@ -1,9 +1,20 @@
-"""Quality of a trained encoder: kNN accuracy of its pooled features."""
+"""Quality of an encoder: kNN accuracy of its pooled features, and linear probes of every layer.
+
+The probes are the paper's linear-separability curve: each registered layer, averaged over
+space, feeds a multinomial logistic regression fitted on the train subset and scored on the
+clean eval subset. The same probes on the run's untrained network (its exact initial weights)
+are the baseline a trained encoder must beat.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pandas as pd
 import torch
 import torch.nn.functional as F
+
+from ckaflow.models import record_layers
 
 
 @torch.no_grad()
@@ -40,3 +51,136 @@ def knn_accuracy(
         votes.scatter_add_(1, bank_labels[idx], (weights / temperature).exp())
         correct += (votes.argmax(1) == query_labels[start : start + 1024]).sum().item()
     return correct / len(queries)
+
+
+@torch.no_grad()
+def pooled_layers(
+    net, pixels_uint8: torch.Tensor, normalise, device, names: list[str], batch_size: int = 512
+) -> dict[str, torch.Tensor]:
+    """Every named layer of uint8 images, feature maps averaged over space, in eval mode."""
+    net.eval()
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    with record_layers(net, names, pooled=True) as captured:
+        for start in range(0, len(pixels_uint8), batch_size):
+            batch = pixels_uint8[start : start + batch_size].to(device)
+            net(normalise(batch.float() / 255))
+            for name in names:
+                parts[name].append(captured[name].float())
+    return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def linear_probe(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    eval_x: torch.Tensor,
+    eval_y: torch.Tensor,
+    num_classes: int,
+    steps: int = 200,
+    weight_decay: float = 1e-4,
+) -> tuple[float, float]:
+    """(train, eval) accuracy of a multinomial logistic regression on standardised features,
+    fitted by full-batch L-BFGS (deterministic: no minibatch order, no learning rate to tune)."""
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, eval_x = (train_x - mean) / std, (eval_x - mean) / std
+    weight = torch.zeros(train_x.shape[1], num_classes, device=train_x.device, requires_grad=True)
+    bias = torch.zeros(num_classes, device=train_x.device, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [weight, bias], lr=1, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        logits = train_x @ weight + bias
+        loss = F.cross_entropy(logits, train_y) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    with torch.no_grad():
+        train_acc = ((train_x @ weight + bias).argmax(1) == train_y).float().mean().item()
+        eval_acc = ((eval_x @ weight + bias).argmax(1) == eval_y).float().mean().item()
+    return train_acc, eval_acc
+
+
+def probe_run(
+    model_path: str | Path,
+    data_path: str | Path,
+    out: str | Path,
+    layers: str = "all",
+    steps: int = 200,
+    weight_decay: float = 1e-4,
+    untrained: bool = True,
+    device: str = "auto",
+    log=print,
+) -> pd.DataFrame:
+    """Linear probes of one trained run (and of its untrained initial network) at every
+    registered layer (`layers="all"`) or at the encoder output only (`"pool"`); writes
+    `out` (parquet), one row per encoder and layer."""
+    from ckaflow.config import run_spec_from_dict
+    from ckaflow.data import open_prepared
+    from ckaflow.models import resolve_device
+    from ckaflow.provenance import atomic_path, code_version
+    from ckaflow.train.loop import initial_network, load_network
+
+    dev = resolve_device(device)
+    trained, meta = load_network(model_path)
+    run = run_spec_from_dict(meta["run_spec"])
+    data = open_prepared(data_path)
+    train_images, train_labels = (torch.from_numpy(a) for a in data.train())
+    eval_images = torch.from_numpy(data.view("clean"))
+    eval_labels = torch.from_numpy(data.eval_labels()).to(dev)
+    train_labels = train_labels.to(dev)
+    registry = trained.registry()
+    chosen = registry if layers == "all" else [layer for layer in registry if layer.kind == "pool"]
+    names = [layer.name for layer in chosen]
+    encoders = {"trained": trained}
+    if untrained:
+        encoders["untrained"] = initial_network(run, meta["data_attrs"])
+    rows = []
+    for encoder, net in encoders.items():
+        net = net.to(dev)
+        train_feats = pooled_layers(net, train_images, data.normalise, dev, names)
+        eval_feats = pooled_layers(net, eval_images, data.normalise, dev, names)
+        for layer in chosen:
+            train_acc, eval_acc = linear_probe(
+                train_feats[layer.name],
+                train_labels,
+                eval_feats[layer.name],
+                eval_labels,
+                meta["data_attrs"]["num_classes"],
+                steps,
+                weight_decay,
+            )
+            rows.append(
+                {
+                    "run": meta["run"],
+                    "method": run.method,
+                    "arch": run.model.arch,
+                    "width": run.model.width,
+                    "seed": run.seed,
+                    "encoder": encoder,
+                    "layer": layer.name,
+                    "layer_index": layer.index,
+                    "layer_kind": layer.kind,
+                    "stage": layer.stage,
+                    "block": layer.block,
+                    "features": train_feats[layer.name].shape[1],
+                    "train_accuracy": train_acc,
+                    "eval_accuracy": eval_acc,
+                }
+            )
+        pool = next(r for r in rows if r["encoder"] == encoder and r["layer"] == "pool")
+        log(f"{meta['run']} {encoder}: linear probe at pool {pool['eval_accuracy']:.4f}")
+    table = pd.DataFrame(rows).assign(
+        n_train=len(train_images),
+        n_eval=len(eval_images),
+        steps=steps,
+        weight_decay=weight_decay,
+        code_version=code_version(),
+        model_spec_hash=meta["spec_hash"],
+    )
+    out = Path(out)
+    with atomic_path(out) as scratch:
+        table.to_parquet(scratch, index=False)
+    return table

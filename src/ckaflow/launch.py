@@ -41,6 +41,9 @@ ACTIVE = {
 RECORDS = Path("results/.slurm")
 
 
+STAGES = ("train", "evaluate", "extract", "gram")  # the heavy stages, each with its resources
+
+
 class StageFailed(CkaflowError):
     """A SLURM job that failed, was cancelled, or could not be followed."""
 
@@ -64,13 +67,14 @@ class SlurmSpec:
     signal_delay_s: int = 120
     poll_s: float = 2.0
     query_timeout_s: float = 60.0
+    data_parallel: bool = False  # one task per GPU (training); other stages use one task
 
     @classmethod
     def from_config(cls, slurm: dict, stage: str) -> SlurmSpec:
-        common = {k: v for k, v in slurm.items() if k not in ("train", "extract", "gram")}
+        common = {k: v for k, v in slurm.items() if k not in STAGES}
         merged = {**common, **slurm.get(stage, {})}
         merged["setup"] = tuple(merged.get("setup", ()))
-        return cls(**merged)
+        return cls(**merged, data_parallel=stage == "train")
 
     def executor_parameters(self, name: str) -> dict[str, Any]:
         params: dict[str, Any] = {
@@ -84,6 +88,8 @@ class SlurmSpec:
         }
         if self.gpus:
             params["gpus_per_node"] = self.gpus
+        if self.data_parallel and self.gpus > 1:  # one process per GPU (train.distributed)
+            params["tasks_per_node"] = self.gpus
         optional = {
             "slurm_partition": self.partition,
             "slurm_account": self.account,
@@ -105,10 +111,13 @@ class StageJob:
         self.threads = threads
 
     def __call__(self, kwargs: dict) -> Any:
-        if self.threads:
-            import torch
+        import submitit
+        import torch
 
+        if self.threads:
             torch.set_num_threads(self.threads)  # same threads, same floating-point sums
+        if submitit.JobEnvironment().num_tasks > 1:  # torch.distributed's env:// variables
+            submitit.helpers.TorchDistributedEnvironment().export()
         return self.fn(**kwargs)
 
     def checkpoint(self, kwargs: dict):

@@ -7,6 +7,7 @@ CIFAR experiments. `width` is the channel count of the first stage (64 = standar
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -113,12 +114,13 @@ def _hook_points(net: Network) -> dict[str, tuple[nn.Module, str]]:
 
 @contextlib.contextmanager
 def record_layers(
-    net: Network, names: list[str] | None = None, sink=None
+    net: Network, names: list[str] | None = None, sink=None, pooled: bool = False
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Within the context, each forward pass fills the yielded dict with a detached copy of every
-    requested layer, flattened to (batch, features). With `sink(name, tensor)`, each layer's
-    tensor goes to the sink instead, which must copy what it keeps before returning (the
-    tensor may be modified in place afterwards)."""
+    requested layer, flattened to (batch, features); `pooled` averages feature maps over space
+    first (batch, channels). With `sink(name, tensor)`, each layer's tensor goes to the sink
+    instead, which must copy what it keeps before returning (the tensor may be modified in
+    place afterwards)."""
     points = _hook_points(net)
     wanted = [layer.name for layer in net.registry()] if names is None else names
     unknown = sorted(set(wanted) - set(points))
@@ -128,6 +130,8 @@ def record_layers(
     handles = []
 
     def keep(name: str, tensor: torch.Tensor) -> None:
+        if pooled and tensor.ndim == 4:
+            tensor = tensor.mean(dim=(2, 3))
         if sink is not None:
             sink(name, tensor.detach().flatten(1))
         else:
@@ -149,8 +153,14 @@ def record_layers(
 
 
 def resolve_device(device: str) -> torch.device:
+    """`auto` = the GPU when there is one. With several processes per node (LOCAL_RANK set by
+    torchrun or SLURM), each takes its own GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was requested but no CUDA GPU is visible")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device: cuda was requested but no CUDA GPU is visible")
+        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(device)

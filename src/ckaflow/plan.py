@@ -86,7 +86,7 @@ class Study:
         for run in ids:
             clean = Side(run, "clean")
             if "within" in wanted:
-                out.append(Comparison("within", clean, clean))
+                out += [Comparison("within", Side(run, v), Side(run, v)) for v in cfg.VIEWS]
             if "invariance" in wanted:  # two augmented views, and the clean image vs one
                 out.append(Comparison("invariance", Side(run, "aug1"), Side(run, "aug2")))
                 out.append(Comparison("invariance", clean, Side(run, "aug1")))
@@ -138,6 +138,22 @@ class Study:
         return f"{RESULTS}/runs/{run}/metrics.parquet"
 
     @staticmethod
+    def probes(run: str) -> str:
+        return f"{RESULTS}/runs/{run}/probes.parquet"
+
+    def run_files(self) -> list[str]:
+        """What the per-run tables are made of: each run's model, metrics and probes."""
+        return [f(run) for run in self.runs for f in (self.model, self.metrics, self.probes)]
+
+    @staticmethod
+    def run_tables() -> list[str]:
+        return [
+            f"{RESULTS}/tables/{name}.{ext}"
+            for name in ("training", "probes", "runs")
+            for ext in ("parquet", "csv")
+        ]
+
+    @staticmethod
     def activations(run: str, view: str) -> str:
         return f"{RESULTS}/activations/{run}/{view}.zarr"
 
@@ -155,7 +171,10 @@ class Study:
         return [t for c in self.comparisons.values() for t in self.tiles(c)]
 
     def figures(self) -> list[str]:
-        names = [f"within-{c.a.run}" for c in self.comparisons.values() if c.kind == "within"]
+        """Every figure the study makes, PNG and PDF (plots.plot_all writes the same set)."""
+        names = [
+            f"within-{c.a.run}.{c.a.view}" for c in self.comparisons.values() if c.kind == "within"
+        ]
         for c in self.comparisons.values():
             if c.kind == "cross":
                 names += [f"cross{part}-{c.a.run}-vs-{c.b.run}" for part in ("", "-odd", "-even")]
@@ -169,4 +188,5 @@ class Study:
             )
             if kind in kinds
         ]
-        return [f"{RESULTS}/figures/{name}.png" for name in names]
+        names.append("probes")
+        return [f"{RESULTS}/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]

@@ -25,16 +25,25 @@ def _stage_ticks(frame: pd.DataFrame, side: str) -> tuple[list[int], list[str]]:
     return first[f"layer_index_{side}"].tolist(), first[f"layer_{side}"].tolist()
 
 
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as scratch:
-        fig.savefig(scratch, dpi=120, bbox_inches="tight", format="png")
+FORMATS = ("png", "pdf")
+
+
+def _save(fig, path: Path) -> list[Path]:
+    """The figure as PNG (for the report and a quick look) and PDF (for papers)."""
+    written = []
+    for fmt in FORMATS:
+        target = path.with_suffix(f".{fmt}")
+        with atomic_path(target) as scratch:
+            fig.savefig(scratch, bbox_inches="tight", format=fmt)
+        written.append(target)
     plt.close(fig)
+    return written
 
 
-def heatmap(frame: pd.DataFrame, title: str, path: Path) -> None:
+def heatmap(frame: pd.DataFrame, title: str, path: Path) -> list[Path]:
     grid = frame.pivot(index="layer_index_a", columns="layer_index_b", values="value")
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    image = ax.imshow(grid.to_numpy(), origin="lower", cmap="magma", vmin=0, vmax=1)
+    image = ax.imshow(grid.to_numpy(), origin="lower", vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label=f"CKA ({frame['estimator'].iloc[0]})")
     for axis, side in ((ax.set_yticks, "a"), (ax.set_xticks, "b")):
         ticks, labels = _stage_ticks(frame, side)
@@ -43,13 +52,13 @@ def heatmap(frame: pd.DataFrame, title: str, path: Path) -> None:
     ax.set_ylabel(f"{frame['run_a'].iloc[0]} ({frame['view_a'].iloc[0]})")
     ax.set_xlabel(f"{frame['run_b'].iloc[0]} ({frame['view_b'].iloc[0]})")
     ax.set_title(title)
-    _save(fig, path)
+    return _save(fig, path)
 
 
 MARKERS = "osd^v<>"
 
 
-def depth_curves(frame: pd.DataFrame, title: str, ylabel: str, path: Path) -> None:
+def depth_curves(frame: pd.DataFrame, title: str, ylabel: str, path: Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(8, 4))
     groups = frame.groupby(["run_a", "view_a", "view_b", "comparison"])
     for i, ((run, view_a, view_b, _), group) in enumerate(groups):
@@ -71,10 +80,10 @@ def depth_curves(frame: pd.DataFrame, title: str, ylabel: str, path: Path) -> No
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def cross_diagonal(cross: pd.DataFrame, path: Path) -> None:
+def cross_diagonal(cross: pd.DataFrame, path: Path) -> list[Path]:
     """CKA of each layer with the same layer of the other run, against depth: post-residual
     (even) and residual-branch (odd) layers apart; pairs of seeds of one method as a band."""
     diagonal = cross[cross["layer_a"] == cross["layer_b"]]
@@ -113,46 +122,78 @@ def cross_diagonal(cross: pd.DataFrame, path: Path) -> None:
     ax.set_title("Cross-model CKA along the diagonal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    _save(fig, path)
+    return _save(fig, path)
 
 
-def plot_all(table: str | Path, out_dir: str | Path) -> list[Path]:
-    """Every figure the table supports; returns their paths."""
+def probe_curves(probes: pd.DataFrame, path: Path) -> list[Path]:
+    """Linear-probe accuracy against depth: each run trained (solid) and untrained (dashed)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, ((run, encoder), group) in enumerate(probes.groupby(["run", "encoder"])):
+        group = group.sort_values("layer_index")
+        ax.plot(
+            group["layer_index"],
+            group["eval_accuracy"],
+            "-" if encoder == "trained" else ":",
+            marker=MARKERS[i % len(MARKERS)],
+            markersize=3,
+            label=f"{run} ({encoder})",
+        )
+    first = probes.sort_values("layer_index").groupby("stage").head(1).drop_duplicates("layer")
+    ax.set_xticks(first["layer_index"], first["layer"], rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("linear probe accuracy (eval subset)")
+    ax.set_title("Linear separability per layer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_all(
+    table: str | Path,
+    out_dir: str | Path,
+    probes: str | Path | None = None,
+    style: dict | None = None,
+) -> list[Path]:
+    """Every figure the tables support (PNG and PDF); returns their paths. `style`: the
+    config's `plots` section (dpi, cmap)."""
+    style = {"dpi": 120, "cmap": "magma", **(style or {})}
+    rc = {"savefig.dpi": style["dpi"], "image.cmap": style["cmap"]}
+    with matplotlib.rc_context(rc):
+        return _plot_all(table, out_dir, probes)
+
+
+def _plot_all(table, out_dir, probes) -> list[Path]:
     frame = pd.read_parquet(table)
     out_dir = Path(out_dir)
-    written = []
+    written: list[Path] = []
     for _, group in frame[frame["kind"] == "within"].groupby("comparison"):
-        path = out_dir / f"within-{group['run_a'].iloc[0]}.png"
-        heatmap(group, f"Within-model CKA: {group['run_a'].iloc[0]}", path)
-        written.append(path)
+        run, view = group["run_a"].iloc[0], group["view_a"].iloc[0]
+        title = f"Within-model CKA: {run} ({view})"
+        written += heatmap(group, title, out_dir / f"within-{run}.{view}.png")
     cross = frame[frame["kind"] == "cross"]
     for _, group in cross.groupby("comparison"):
         run_a, run_b = group["run_a"].iloc[0], group["run_b"].iloc[0]
-        path = out_dir / f"cross-{run_a}-vs-{run_b}.png"
-        heatmap(group, f"Cross-model CKA: {run_a} vs {run_b}", path)
-        written.append(path)
+        title = f"Cross-model CKA: {run_a} vs {run_b}"
+        written += heatmap(group, title, out_dir / f"cross-{run_a}-vs-{run_b}.png")
         for part, kind, what in (
             ("odd", "residual", "residual-branch"),
             ("even", "out", "post-residual"),
         ):
             sub = group[(group["layer_kind_a"] == kind) & (group["layer_kind_b"] == kind)]
-            path = out_dir / f"cross-{part}-{run_a}-vs-{run_b}.png"
-            heatmap(sub, f"{what} ({part}) layers: {run_a} vs {run_b}", path)
-            written.append(path)
+            title = f"{what} ({part}) layers: {run_a} vs {run_b}"
+            written += heatmap(sub, title, out_dir / f"cross-{part}-{run_a}-vs-{run_b}.png")
     if len(cross):
-        path = out_dir / "cross-diagonal.png"
-        cross_diagonal(cross, path)
-        written.append(path)
+        written += cross_diagonal(cross, out_dir / "cross-diagonal.png")
     invariance = frame[(frame["kind"] == "invariance") & (frame["layer_a"] == frame["layer_b"])]
     if len(invariance):
-        path = out_dir / "invariance.png"
-        depth_curves(invariance, "Augmentation invariance per layer", "CKA between views", path)
-        written.append(path)
+        title, ylabel = "Augmentation invariance per layer", "CKA between views"
+        written += depth_curves(invariance, title, ylabel, out_dir / "invariance.png")
     classes = frame[frame["kind"] == "class"]
     if len(classes):
-        path = out_dir / "class.png"
-        depth_curves(classes, "Class structure per layer", "CKA(layer, one-hot labels)", path)
-        written.append(path)
+        title, ylabel = "Class structure per layer", "CKA(layer, one-hot labels)"
+        written += depth_curves(classes, title, ylabel, out_dir / "class.png")
+    if probes is not None:
+        written += probe_curves(pd.read_parquet(probes), out_dir / "probes.png")
     if np.isnan(frame["value"]).any():
         print(
             f"warning: {int(np.isnan(frame['value']).sum())} CKA values are NaN (constant layers)"

@@ -91,8 +91,32 @@ def _final_layer_values(frame: pd.DataFrame) -> dict[str, float]:
     return {m: float(g["value"].mean()) for m, g in pooled.groupby("method_a")}
 
 
-def summarize(table_path: str | Path, out: str | Path) -> str:
+def probe_lines(probes: pd.DataFrame) -> list[str]:
+    """Per run: the linear probe of the encoder output, trained against untrained, and where
+    along the depth the probe accuracy peaks."""
+    lines = []
+    for run, group in probes.groupby("run"):
+        pool = group[group["layer_kind"] == "pool"].set_index("encoder")["eval_accuracy"]
+        trained = group[group["encoder"] == "trained"]
+        best = trained.loc[trained["eval_accuracy"].idxmax()]
+        line = f"- {run}: linear probe at the pooled features {pool['trained']:.1%}"
+        if "untrained" in pool:
+            gain = 100 * (pool["trained"] - pool["untrained"])
+            line += f" against {pool['untrained']:.1%} untrained ({gain:+.1f} points)"
+        lines.append(f"{line}; best layer {best['layer']} ({best['eval_accuracy']:.1%}).")
+    return lines
+
+
+def summarize(table_path: str | Path, out: str | Path, probes: str | Path | None = None) -> str:
     table = pd.read_parquet(table_path)
+    probe_text = []
+    if probes is not None:
+        probe_text = [
+            "## Linear probes (eval subset, spatially pooled features of each layer)",
+            "",
+            *probe_lines(pd.read_parquet(probes)),
+            "",
+        ]
     runs = sorted(set(table["run_a"]) - {"labels"})
     estimator = table["estimator"].iloc[0]
     n = int(table["n"].iloc[0])
@@ -107,6 +131,7 @@ def summarize(table_path: str | Path, out: str | Path) -> str:
             "",
             *(claims(table) or ["(this study has no cross-method comparison to check)"]),
             "",
+            *probe_text,
             f"Non-finite CKA values: {int((~np.isfinite(table['value'])).sum())}.",
             "",
         ]

@@ -1,4 +1,4 @@
-"""Merging CKA tiles into the tidy table `results/tables/cka.parquet` (and `.csv`)."""
+"""Tidy tables: CKA tiles merged into `cka.parquet`; per-run training, probes, runs tables."""
 
 from __future__ import annotations
 
@@ -67,9 +67,77 @@ def merge_tiles(tiles: list[str | Path], out: str | Path, config_hash: str) -> p
     table = table.sort_values(["comparison", "layer_index_a", "layer_index_b"], ignore_index=True)
     table["config_hash"] = config_hash
     table["merged_by"] = code_version()
-    out = Path(out)
+    _write_both(table, Path(out))
+    return table
+
+
+def _read(path: Path, what: str) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise TableError(f"{path}: not a readable {what} table ({err}); rerun its stage") from err
+
+
+def _write_both(table: pd.DataFrame, out: Path) -> None:
     with atomic_path(out) as scratch:
         table.to_parquet(scratch, index=False)
     with atomic_path(out.with_suffix(".csv")) as scratch:
         table.to_csv(scratch, index=False)
-    return table
+
+
+def run_summary(run_dir: Path, probes: pd.DataFrame | None) -> dict:
+    """One row of runs.parquet: the recipe, the final metrics and the cost of one run."""
+    from ckaflow.train.loop import load_network
+
+    _, meta = load_network(run_dir / "model.pt")
+    spec = meta["run_spec"]
+    recipe = spec["recipe"]
+    row = {
+        "run": meta["run"],
+        "method": spec["method"],
+        "arch": spec["model"]["arch"],
+        "width": spec["model"]["width"],
+        "seed": spec["seed"],
+        **{f"recipe_{k}": v for k, v in recipe.items()},
+        "knn_accuracy": meta["knn_accuracy"],
+        "linear_accuracy": pd.NA,
+        "untrained_linear_accuracy": pd.NA,
+        "train_seconds": meta.get("train_seconds"),
+        "device": meta["device"],
+        "processes": meta.get("processes", 1),
+        "spec_hash": meta["spec_hash"],
+        "code_version": meta["code_version"],
+    }
+    if probes is not None:
+        pool = probes[probes["layer_kind"] == "pool"].set_index("encoder")["eval_accuracy"]
+        row["linear_accuracy"] = pool.get("trained", pd.NA)
+        row["untrained_linear_accuracy"] = pool.get("untrained", pd.NA)
+    return row
+
+
+def run_tables(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """training.parquet (per-epoch metrics), probes.parquet (per-layer linear probes) and
+    runs.parquet (one row per run) of the given run folders, each also as CSV."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    training, probes, runs = [], [], []
+    for run_dir in map(Path, run_dirs):
+        training.append(_read(run_dir / "metrics.parquet", "training metrics"))
+        probe_path = run_dir / "probes.parquet"
+        probe = _read(probe_path, "probes") if probe_path.exists() else None
+        if probe is not None:
+            probes.append(probe)
+        runs.append(run_summary(run_dir, probe))
+    tables = {
+        "training": pd.concat(training, ignore_index=True),
+        "runs": pd.DataFrame(runs).astype(
+            {"linear_accuracy": "Float64", "untrained_linear_accuracy": "Float64"}
+        ),
+    }
+    if probes:
+        tables["probes"] = pd.concat(probes, ignore_index=True)
+    written = []
+    for name, table in tables.items():
+        _write_both(table, out_dir / f"{name}.parquet")
+        written.append(out_dir / f"{name}.parquet")
+    return written

@@ -19,13 +19,15 @@ class SimCLR:
     def head_outputs(self, num_classes: int) -> int:
         return self.recipe.proj_dim
 
+    def sample(self, n: int, image_size: int, gen: torch.Generator):
+        """Augmentation parameters of both views for a batch of n images."""
+        return augment.sample_simclr(n, self.aug, gen), augment.sample_simclr(n, self.aug, gen)
+
     def loss(
-        self, net, pixels: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, normalise
+        self, net, pixels: torch.Tensor, labels: torch.Tensor, params, to_input
     ) -> tuple[torch.Tensor, dict[str, float]]:
+        p1, p2 = params
         n = pixels.shape[0]
-        p1 = augment.sample_simclr(n, self.aug, gen)
-        p2 = augment.sample_simclr(n, self.aug, gen)
         views = torch.cat([augment.simclr_view(pixels, p1), augment.simclr_view(pixels, p2)])
-        z = net(normalise(views))
-        loss = nt_xent(z[:n], z[n:], self.recipe.temperature)
-        return loss, {}
+        z = net(to_input(views))
+        return nt_xent(z[:n], z[n:], self.recipe.temperature), {}

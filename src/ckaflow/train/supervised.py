@@ -18,11 +18,13 @@ class Supervised:
     def head_outputs(self, num_classes: int) -> int:
         return num_classes
 
+    def sample(self, n: int, image_size: int, gen: torch.Generator):
+        return augment.sample_crop_flip(n, image_size, gen)
+
     def loss(
-        self, net, pixels: torch.Tensor, labels: torch.Tensor, gen: torch.Generator, normalise
+        self, net, pixels: torch.Tensor, labels: torch.Tensor, params, to_input
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        params = augment.sample_crop_flip(pixels.shape[0], pixels.shape[-1], gen)
-        logits = net(normalise(augment.apply_geometry(pixels, params)))
-        loss = F.cross_entropy(logits, labels)
-        correct = (logits.argmax(1) == labels).sum().item()
+        logits = net(to_input(augment.apply_geometry(pixels, params)))
+        loss = F.cross_entropy(logits.float(), labels)
+        correct = (logits.argmax(1) == labels).sum()
         return loss, {"correct": correct}
