@@ -90,3 +90,18 @@ def test_unknown_layer_name_is_refused():
     net = _net("resnet18", "simclr", out=16)
     with pytest.raises(KeyError, match="unknown layers"), record_layers(net, ["layer9.0.out"]):
         pass
+
+
+@pytest.mark.parametrize(
+    "arch,size,method", [("resnet18", 28, "simclr"), ("resnet50", 32, "supervised"),
+                         ("resnet34", 96, "simclr"), ("resnet50", 65, "simclr")],
+)  # fmt: skip
+def test_layer_features_without_torch_match_the_network(arch, size, method):
+    from ckaflow.layers import layer_features
+    from ckaflow.models import Network, record_layers
+
+    net = Network(method, ModelSpec(arch, 4), 3, size, 10).eval()
+    with torch.no_grad(), record_layers(net) as captured:
+        net(torch.zeros(2, 3, size, size))
+    got = {name: t.shape[1] for name, t in captured.items()}
+    assert layer_features(arch, 4, size, method, 10) == got

@@ -168,6 +168,12 @@ def cmd_summarize(args) -> None:
     print(summarize(args.table, args.out, probes=args.probes))
 
 
+def cmd_plan(args) -> None:
+    from ckaflow.costs import plan
+
+    print(plan(args.config, args.gpu_tflops))
+
+
 def cmd_inspect(args) -> None:
     from ckaflow.inspect import inspect_path
 
@@ -274,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True)
     p.add_argument("--probes", default=None, help="probes.parquet (optional)")
     p.add_argument("--out", required=True)
+
+    p = stage("plan", cmd_plan, "jobs, bytes, FLOPs and GPU-hours of a study, before running it")
+    p.add_argument("config", nargs="?", default="config.yaml", help="study (default config.yaml)")
+    p.add_argument(
+        "--gpu-tflops", type=float, default=40.0, help="assumed sustained TFLOP/s of one GPU"
+    )
 
     p = stage("inspect", cmd_inspect, "look inside an artifact or a results folder")
     p.add_argument("path", help="a .zarr store, a .pt checkpoint, a table, or results/")

@@ -20,6 +20,7 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
 
+CIFAR_STEM_MAX_SIZE = 64  # inputs up to this size get the 3x3 stride-1 stem without max-pool
 HEAD_STAGE = len(next(iter(ARCHS.values()))[1]) + 1  # pool and heads sit after the last stage
 
 
@@ -87,3 +88,42 @@ def select_layers(
             f"{[layer.name for layer in layers]}"
         )
     return chosen
+
+
+def _down(size: int) -> int:
+    """Spatial size after a stride-2 convolution or pooling with 'same' padding."""
+    return (size + 1) // 2
+
+
+def layer_features(
+    arch: str, width: int, image_size: int, method: str, head_outputs: int
+) -> dict[str, int]:
+    """Values per example of every registered layer, without building the network (so that
+    `ckaflow plan` sizes a study in a moment). Mirrors ckaflow.models: the CIFAR stem up to
+    CIFAR_STEM_MAX_SIZE px, stride 2 in the first block of stages 2-4 (in the 3x3 conv of a
+    bottleneck, so its relu1 keeps the input size); a test checks it against the network."""
+    block_type, blocks = ARCHS[arch]
+    expansion = 1 if block_type == "basic" else 4
+    size = image_size if image_size <= CIFAR_STEM_MAX_SIZE else _down(_down(image_size))
+    out = {"stem": width * size * size}
+    for stage, n_blocks in enumerate(blocks, start=1):
+        planes = width * 2 ** (stage - 1)
+        for block in range(n_blocks):
+            size_in = size
+            if stage > 1 and block == 0:
+                size = _down(size)
+            prefix = f"layer{stage}.{block}"
+            if block_type == "basic":
+                out[f"{prefix}.relu1"] = planes * size * size
+            else:
+                out[f"{prefix}.relu1"] = planes * size_in * size_in
+                out[f"{prefix}.relu2"] = planes * size * size
+            out[f"{prefix}.residual"] = out[f"{prefix}.out"] = expansion * planes * size * size
+    feature_dim = 8 * width * expansion
+    out["pool"] = feature_dim
+    heads = head_layer_names(method)
+    if method == "simclr":
+        out[heads[0]], out[heads[1]] = feature_dim, head_outputs
+    else:
+        out[heads[0]] = head_outputs
+    return out

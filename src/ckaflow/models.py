@@ -15,9 +15,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from ckaflow.config import ModelSpec
-from ckaflow.layers import ARCHS, Layer, head_layer_names, layer_registry
-
-CIFAR_STEM_MAX_SIZE = 64
+from ckaflow.layers import ARCHS, CIFAR_STEM_MAX_SIZE, Layer, head_layer_names, layer_registry
 
 
 class Encoder(ResNet):

@@ -1,0 +1,134 @@
+"""What a study will cost before anything runs (`ckaflow plan`): jobs per stage, activation
+bytes per run and view, Gram FLOPs, and the compute and GPU-hours its training recipes imply.
+
+Sizes come from the layer registry's arithmetic (ckaflow.layers.layer_features) and FLOPs from
+one forward pass of the real network on PyTorch's meta device (no memory, no data), so a
+paper-scale study is planned in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ckaflow import config as cfg
+from ckaflow.layers import layer_features
+from ckaflow.plan import Side, Study
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+# forward + backward ≈ 3 forward passes (the backward pass costs about twice the forward)
+TRAIN_FLOPS_PER_FORWARD = 3
+DEFAULT_GPU_TFLOPS = 40.0  # assumed sustained mixed-precision throughput of one GPU
+
+
+@dataclass
+class StudyCosts:
+    jobs: dict[str, int]
+    store_bytes: dict[tuple[str, str], int]
+    examples: int
+    gram_flops: float
+    train_flops: dict[str, float]
+    forward_flops: dict[str, float]
+    gpu_tflops: float
+    notes: list[str] = field(default_factory=list)
+
+    def gpu_hours(self, flops: float) -> float:
+        return flops / (self.gpu_tflops * 1e12) / 3600
+
+
+def forward_flops(run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: int) -> float:
+    """FLOPs of one image through the run's network, counted on the meta device."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ckaflow.models import Network
+
+    channels, size, _ = image_shape
+    out = run.recipe.proj_dim if run.method == "simclr" else classes
+    with torch.device("meta"):
+        net = Network(run.method, run.model, channels, size, out).eval()
+        with FlopCounterMode(display=False) as counter:
+            net(torch.empty(1, channels, size, size))
+    return float(counter.get_total_flops())
+
+
+def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> StudyCosts:
+    study = Study(config)
+    image_shape, classes = cfg.DATASET_SHAPES[study.data.name]
+    act = config["activations"]
+    n = (
+        study.data.eval_size
+        if act["examples"] is None
+        else min(act["examples"], study.data.eval_size)
+    )
+    run_views = study.run_views()
+    has_class = any(c.kind == "class" for c in study.comparisons.values())
+    jobs = {
+        "prepare_data": 1,
+        "train": len(study.runs),
+        "evaluate": len(study.runs),
+        "extract": len(run_views),
+        "gram": len(run_views) + (1 if has_class else 0),
+        "cka_tile": len(study.all_tiles()),
+        "merge, tables, figures, summary": 4,
+    }
+    store_bytes, gram_flops = {}, 0.0
+    for run_id, view in run_views:
+        run = study.runs[run_id]
+        head = run.recipe.proj_dim if run.method == "simclr" else classes
+        sizes = layer_features(run.model.arch, run.model.width, image_shape[1], run.method, head)
+        chosen = [layer.name for layer in study.layers(Side(run_id, view))]
+        values = sum(sizes[name] for name in chosen)
+        store_bytes[(run_id, view)] = values * n * DTYPE_BYTES[act["dtype"]]
+        if study.cka.estimator == "minibatch":  # one b x b Gram per block: 2 n b d
+            gram_flops += 2 * n * min(study.cka.batch_size, n) * values
+        else:  # the full n x n Gram
+            gram_flops += 2 * n * n * values
+    forward, train = {}, {}
+    for run_id, run in study.runs.items():
+        forward[run_id] = forward_flops(run, image_shape, classes)
+        views = 2 if run.method == "simclr" else 1
+        images = study.data.train_size * run.recipe.epochs * views
+        train[run_id] = TRAIN_FLOPS_PER_FORWARD * forward[run_id] * images
+    return StudyCosts(jobs, store_bytes, n, gram_flops, train, forward, gpu_tflops)
+
+
+def _si(value: float, unit: str) -> str:
+    """1234567 B -> '1.2 MB'; 2.6e9 FLOP -> '2.6 GFLOP'."""
+    for prefix in ("", "k", "M", "G", "T", "P"):
+        if abs(value) < 1000 or prefix == "P":
+            return f"{value:.1f} {prefix}{unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def render(config: dict[str, Any], costs: StudyCosts) -> str:
+    runs = list(costs.train_flops)
+    lines = [f"study {config['study']}: {len(runs)} runs, backend {config['backend']}", ""]
+    lines.append("jobs per stage:")
+    lines += [f"  {stage:<34} {count:>7}" for stage, count in costs.jobs.items()]
+    lines.append(f"  {'total':<34} {sum(costs.jobs.values()):>7}")
+    dtype = config["activations"]["dtype"]
+    lines += ["", f"activations ({costs.examples} examples each, {dtype}, before compression):"]
+    stores = {f"{run}/{view}": size for (run, view), size in sorted(costs.store_bytes.items())}
+    pad = max(len(name) for name in [*stores, *runs]) + 2
+    lines += [f"  {name:<{pad}} {_si(size, 'B'):>12}" for name, size in stores.items()]
+    lines.append(f"  {'total':<{pad}} {_si(sum(stores.values()), 'B'):>12}")
+    lines += ["", f"Gram statistics: {_si(costs.gram_flops, 'FLOP')}", ""]
+    lines.append(f"training (GPU-hours at an assumed {costs.gpu_tflops:g} TFLOP/s sustained):")
+    for run in runs:
+        flops = costs.train_flops[run]
+        lines.append(
+            f"  {run:<{pad}} {_si(costs.forward_flops[run], 'FLOP'):>12}/image "
+            f"{_si(flops, 'FLOP'):>12} {costs.gpu_hours(flops):10.2f} GPU-h"
+        )
+    total = sum(costs.train_flops.values())
+    lines.append(
+        f"  {'total':<{pad}} {'':>18} {_si(total, 'FLOP'):>12} {costs.gpu_hours(total):10.2f} GPU-h"
+    )
+    return "\n".join(lines)
+
+
+def plan(config_path: str, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> str:
+    config = cfg.load(config_path)
+    return render(config, study_costs(config, gpu_tflops))
