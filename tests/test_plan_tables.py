@@ -56,3 +56,17 @@ def test_cut_short_tile_is_named(tmp_path):
     tile.write_bytes(b"PAR1 cut short")
     with pytest.raises(TableError, match=r"r0c0\.parquet: not a readable CKA tile"):
         merge_tiles([tile], tmp_path / "out.parquet", "h")
+
+
+def test_a_table_from_an_older_schema_is_refused_by_its_readers(tmp_path):
+    from ckaflow.errors import TableError
+    from ckaflow.plots import plot_all
+    from ckaflow.summary import summarize
+
+    old = tmp_path / "cka.parquet"
+    pd.DataFrame({"comparison": ["c"], "layer_a": ["x"], "value": [0.5]}).to_parquet(old)
+    with pytest.raises(TableError, match=r"cka.parquet: a cka table without columns \['kind'"):
+        plot_all(old, tmp_path / "figures")
+    with pytest.raises(TableError, match="older ckaflow"):
+        summarize(old, tmp_path / "summary.md")
+    assert not (tmp_path / "summary.md").exists()

@@ -176,3 +176,43 @@ def test_a_cka_setting_reruns_only_cka_stages_and_a_plot_setting_only_figures(fi
     jobs = planned_jobs(finished, plots={"dpi": 90})
     assert set(jobs) == {"figures"}
     assert planned_jobs(finished, checkpoint={"every_min": 1}) == {}  # execution setting
+
+
+@pytest.mark.e2e
+def test_soak_more_seeds_in_one_folder_and_a_concurrent_run_refused(finished):
+    """Runs in a row in one results folder (seed 0 done by the fixture, then seed 1, then both
+    with two Snakemake processes started at once): the second process must refuse through
+    Snakemake's lock; nothing lost, nothing duplicated, nothing recomputed differently."""
+    import yaml
+
+    tables = finished / "results" / "tables"
+    before = pd.read_parquet(tables / "cka.parquet")
+    cfg = yaml.safe_load(TINY.read_text())
+    for name, seeds in (("seed1.yaml", [1]), ("both.yaml", [0, 1])):
+        (finished / name).write_text(yaml.safe_dump({**cfg, "seeds": seeds}))
+    subprocess.run(
+        snakemake_cmd(finished, finished / "seed1.yaml"), env=ENV, check=True, capture_output=True
+    )
+    cmd = snakemake_cmd(finished, finished / "both.yaml")
+    procs = [
+        subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes[0] == 0 and codes[1] != 0, outputs
+    refused = outputs[[p.returncode for p in procs].index(codes[1])]
+    assert "cannot be locked" in refused, refused[-2000:]
+
+    runs = sorted(p.name for p in (finished / "results" / "runs").iterdir())
+    assert runs == [f"{m}-resnet18-w4-s{s}" for m in ("simclr", "supervised") for s in (0, 1)]
+    after = pd.read_parquet(tables / "cka.parquet")
+    key = ["comparison", "layer_a", "layer_b"]
+    assert not after.duplicated(key).any()
+    assert set(after["seed_a"].dropna()) == {0, 1}
+    # seed 0's comparisons were not recomputed, or recomputed to the very same values
+    merged = before.merge(after, on=key, suffixes=("", "_after"))
+    assert len(merged) == len(before)
+    assert (merged["value"] == merged["value_after"]).all()
+    assert set(pd.read_parquet(tables / "runs.parquet")["run"]) == set(runs)
+    assert not list((finished / "results").rglob("*.partial*"))

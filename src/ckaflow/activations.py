@@ -11,16 +11,20 @@ ids, hashes of the model and data, code version, dtype, `rows_done` while writin
 Writing: the forward pass copies each layer straight into a chunk buffer (pinned host memory
 behind a GPU); full chunks go to a background writer through a bounded pool of buffers, so
 compression and disk overlap the next forward pass and memory stays bounded (the forward pass
-waits when the writer falls behind). The store is built under `.<name>.partial`; an interrupted
-extraction resumes after the last chunk row written for every layer, and only a whole store is
-renamed into place.
+waits when the writer falls behind). The writer encodes each layer's chunk itself, in a pool of
+threads, into the bytes Zarr would write, and puts them in the chunk's file: every chunk is
+always written (none is skipped as "empty"), so a missing chunk file means a damaged store.
+The store is built under `.<name>.partial`; an interrupted extraction resumes after the last
+chunk row written for every layer, and only a whole store is renamed into place.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -79,16 +83,89 @@ def decode_bfloat16(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-class _Writer:
-    """One background thread writing chunk rows in order; buffers cycle through a bounded pool."""
+class ChunkEncoder:
+    """Encodes a chunk into the very bytes Zarr would store for the array's codec (a test checks
+    this), so the writer can put them straight into the chunk's file. Zarr's own per-call write
+    path costs more than the compression itself, and numcodecs releases the GIL, so the layers
+    of a chunk row are encoded and written by a pool of threads."""
 
-    def __init__(self, group: zarr.Group, free: queue.Queue):
+    def __init__(self, options: StoreOptions):
+        import numcodecs
+
+        self.codec = None
+        if options.codec == "zstd":
+            self.codec = numcodecs.Zstd(level=options.level)
+        elif options.codec == "lz4":
+            self.codec = numcodecs.Blosc(
+                cname="lz4", clevel=options.level, shuffle=numcodecs.Blosc.SHUFFLE
+            )
+
+    def encode(self, values: np.ndarray) -> bytes:
+        values = np.ascontiguousarray(values)
+        if self.codec is None:
+            return values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+        return bytes(self.codec.encode(values))
+
+
+def chunk_path(group: zarr.Group, name: str, chunk: int) -> Path:
+    """The file of row chunk `chunk` of array `name` in a store on the local file system."""
+    array = group[name]
+    key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
+    return Path(group.store.root) / array.path / key
+
+
+def check_chunks(path: Path, group: zarr.Group) -> None:
+    """Every listed layer has its array, the store's row count and every chunk file. ckaflow
+    writes every chunk (empty ones too), so a missing file is damage, which Zarr would
+    otherwise read silently as zeros."""
+    n = group.attrs.get("n_examples")
+    for layer in group.attrs.get("layers", []):
+        name = layer["name"]
+        if name not in group:
+            raise StoreError(f"{path}: layer {name} is listed but has no array; rerun its stage")
+        array = group[name]
+        if n is not None and array.shape[0] != n:
+            raise StoreError(
+                f"{path}: layer {name} has {array.shape[0]} rows where the store has {n} "
+                "examples (a foreign or damaged store); rerun its stage"
+            )
+        chunks = -(-array.shape[0] // array.chunks[0])
+        missing = [i for i in range(chunks) if not chunk_path(group, name, i).exists()]
+        if missing:
+            raise StoreError(
+                f"{path}: layer {name} lacks chunk files {missing} of {chunks} (a damaged "
+                "store); delete it and rerun its stage"
+            )
+
+
+class _Writer:
+    """A background thread taking chunk rows in order; each row's layers are encoded and written
+    by a thread pool; buffers cycle through a bounded pool. `rows_done` advances only when every
+    layer of a chunk row is on disk."""
+
+    def __init__(self, group: zarr.Group, free: queue.Queue, options: StoreOptions, workers: int):
         self.group = group
         self.free = free
+        self.chunk_rows = options.chunk_rows
+        self.encoder = ChunkEncoder(options)
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckaflow-encode")
         self.todo: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="ckaflow-writer", daemon=True)
         self.thread.start()
+
+    def _write(self, name: str, buffer, rows: slice) -> None:
+        values = _as_disk(buffer)
+        filled = rows.stop - rows.start
+        if filled < len(values):  # the last, short chunk: pad as Zarr does (fill value 0)
+            values = values.copy()
+            values[filled:] = 0
+        path = chunk_path(self.group, name, rows.start // self.chunk_rows)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(self.encoder.encode(values))
+        except OSError as err:  # write() errors name no file
+            raise OSError(err.errno, err.strerror, err.filename or str(path)) from err
 
     def _run(self) -> None:
         while True:
@@ -100,8 +177,12 @@ class _Writer:
                 if self.error is None:
                     if ready is not None:
                         ready.synchronize()
-                    for name, buffer in buffers.items():
-                        self.group[name][rows] = _as_disk(buffer)[: rows.stop - rows.start]
+                    jobs = [
+                        self.pool.submit(self._write, name, buffer, rows)
+                        for name, buffer in buffers.items()
+                    ]
+                    for job in jobs:
+                        job.result()
                     self.group.attrs["rows_done"] = rows.stop
             except BaseException as err:  # re-raised in the forward thread
                 self.error = err
@@ -119,6 +200,7 @@ class _Writer:
     def close(self) -> None:
         self.todo.put(None)
         self.thread.join()
+        self.pool.shutdown()
         self.check()
 
 
@@ -155,12 +237,14 @@ def extract(
     layers: list[str] | None = None,
     examples: int | None = None,
     buffers: int = 2,
+    workers: int | None = None,
     log=print,
 ) -> Path:
     """Run the trained network over one eval view and store the registered layers.
 
     `layers`: names to keep (default: all, in registry order); `examples`: the first n eval
-    examples (default: all); `buffers`: chunk buffers in flight (memory bound).
+    examples (default: all); `buffers`: chunk buffers in flight (memory bound); `workers`:
+    threads encoding and writing chunks (default: up to 4).
     """
     import torch
 
@@ -211,7 +295,7 @@ def extract(
                 for name, width in features.items()
             }
         )
-    writer = _Writer(group, free)
+    writer = _Writer(group, free, options, workers or min(4, os.cpu_count() or 1))
     current: dict = {}
     offset = 0
 
@@ -325,4 +409,5 @@ def open_store(path: str | Path, kind: str = "ckaflow.activations") -> Store:
         raise StoreError(f"{path}: is a {group.attrs.get('kind')!r} store, expected {kind!r}")
     if not group.attrs.get("complete"):
         raise StoreError(f"{path}: store is incomplete (no completion flag); rerun its stage")
+    check_chunks(path, group)
     return Store(path, group)

@@ -7,6 +7,7 @@ subcommands so that `ckaflow --help` and the CKA stages stay fast.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,6 +15,19 @@ import time
 
 # the CKA estimators, without importing the numeric code (kept in step by tests/test_cli.py)
 ESTIMATORS = ["minibatch", "linear", "debiased", "rbf"]
+
+
+# a full disk, a read-only or forbidden folder: the user's to fix, so a message, not a traceback
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def storage_message(err: OSError) -> str:
+    where = f" writing {err.filename}" if err.filename else ""
+    return (
+        f"{err.strerror}{where}. Free space or choose a writable results folder, then rerun: "
+        "nothing half-written is ever taken as finished, and training and extraction resume "
+        "where they stopped."
+    )
 
 
 def _range(text: str) -> range:
@@ -308,6 +322,11 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except CkaflowError as err:
         print(f"ckaflow {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in STORAGE_ERRORS:
+            raise
+        print(f"ckaflow {args.command}: error: {storage_message(err)}", file=sys.stderr)
         return 2
     print(f"ckaflow {args.command}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
     return 0

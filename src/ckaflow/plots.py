@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ckaflow.provenance import atomic_path  # noqa: E402
+from ckaflow.tables import read_table  # noqa: E402
 
 
 def _stage_ticks(frame: pd.DataFrame, side: str) -> tuple[list[int], list[str]]:
@@ -163,7 +164,7 @@ def plot_all(
 
 
 def _plot_all(table, out_dir, probes) -> list[Path]:
-    frame = pd.read_parquet(table)
+    frame = read_table(table)
     out_dir = Path(out_dir)
     written: list[Path] = []
     for _, group in frame[frame["kind"] == "within"].groupby("comparison"):
@@ -193,7 +194,7 @@ def _plot_all(table, out_dir, probes) -> list[Path]:
         title, ylabel = "Class structure per layer", "CKA(layer, one-hot labels)"
         written += depth_curves(classes, title, ylabel, out_dir / "class.png")
     if probes is not None:
-        written += probe_curves(pd.read_parquet(probes), out_dir / "probes.png")
+        written += probe_curves(read_table(probes, "probes"), out_dir / "probes.png")
     if np.isnan(frame["value"]).any():
         print(
             f"warning: {int(np.isnan(frame['value']).sum())} CKA values are NaN (constant layers)"

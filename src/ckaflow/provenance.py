@@ -62,6 +62,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         os.replace(scratch, path)
+    except OSError as err:
+        _remove(scratch)  # also gives the space back on a full disk
+        if err.filename is None:  # write() errors name no file: name the artifact
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     except BaseException:
         _remove(scratch)
         raise

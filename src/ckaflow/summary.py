@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ckaflow.provenance import atomic_path
+from ckaflow.tables import read_table
 
 PAPER = "Grigg et al. 2021 (arXiv 2110.00528)"
 
@@ -108,13 +109,13 @@ def probe_lines(probes: pd.DataFrame) -> list[str]:
 
 
 def summarize(table_path: str | Path, out: str | Path, probes: str | Path | None = None) -> str:
-    table = pd.read_parquet(table_path)
+    table = read_table(table_path)
     probe_text = []
     if probes is not None:
         probe_text = [
             "## Linear probes (eval subset, spatially pooled features of each layer)",
             "",
-            *probe_lines(pd.read_parquet(probes)),
+            *probe_lines(read_table(probes, "probes")),
             "",
         ]
     runs = sorted(set(table["run_a"]) - {"labels"})

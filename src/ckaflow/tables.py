@@ -78,6 +78,24 @@ def _read(path: Path, what: str) -> pd.DataFrame:
         raise TableError(f"{path}: not a readable {what} table ({err}); rerun its stage") from err
 
 
+# what the readers of each table rely on (figures, summary); an older table lacks some
+PROBE_COLUMNS = ("run", "encoder", "layer", "layer_index", "layer_kind", "stage", "eval_accuracy")
+
+
+def read_table(path: str | Path, kind: str = "cka") -> pd.DataFrame:
+    """A merged table (`cka` or `probes`), refused with the missing columns named when it was
+    written by an older ckaflow."""
+    table = _read(Path(path), kind)
+    expected = COLUMNS if kind == "cka" else PROBE_COLUMNS
+    missing = [c for c in expected if c not in table.columns]
+    if missing:
+        raise TableError(
+            f"{path}: a {kind} table without columns {missing} (written by an older ckaflow?); "
+            "rerun the workflow to rebuild it"
+        )
+    return table
+
+
 def _write_both(table: pd.DataFrame, out: Path) -> None:
     with atomic_path(out) as scratch:
         table.to_parquet(scratch, index=False)

@@ -37,7 +37,11 @@ def write_gram_store(out: Path, stats: dict[str, GramStats], attrs: dict) -> Pat
         group = zarr.open_group(scratch, mode="w", zarr_format=3)
         for name, s in stats.items():
             arr = group.create_array(
-                name, shape=s.grams.shape, chunks=(1, *s.grams.shape[1:]), dtype="float64"
+                name,
+                shape=s.grams.shape,
+                chunks=(1, *s.grams.shape[1:]),
+                dtype="float64",
+                config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
             )
             arr[...] = s.grams
         group.attrs.update(
