@@ -109,9 +109,20 @@ class ChunkEncoder:
 
 def chunk_path(group: zarr.Group, name: str, chunk: int) -> Path:
     """The file of row chunk `chunk` of array `name` in a store on the local file system."""
-    array = group[name]
-    key = array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))
-    return Path(group.store.root) / array.path / key
+    return ChunkPaths(group[name])(chunk)
+
+
+class ChunkPaths:
+    """Chunk files of one array, its metadata read once (opening the array costs more than
+    writing a small chunk)."""
+
+    def __init__(self, array: zarr.Array):
+        self.root = Path(array.store_path.store.root) / array.path
+        self.metadata = array.metadata
+        self.trailing = (0,) * (array.ndim - 1)
+
+    def __call__(self, chunk: int) -> Path:
+        return self.root / self.metadata.encode_chunk_key((chunk, *self.trailing))
 
 
 def check_chunks(path: Path, group: zarr.Group) -> None:
@@ -148,6 +159,7 @@ class _Writer:
         self.free = free
         self.chunk_rows = options.chunk_rows
         self.encoder = ChunkEncoder(options)
+        self.paths = {name: ChunkPaths(array) for name, array in group.arrays()}
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ckaflow-encode")
         self.todo: queue.Queue = queue.Queue()
         self.error: BaseException | None = None
@@ -160,7 +172,7 @@ class _Writer:
         if filled < len(values):  # the last, short chunk: pad as Zarr does (fill value 0)
             values = values.copy()
             values[filled:] = 0
-        path = chunk_path(self.group, name, rows.start // self.chunk_rows)
+        path = self.paths[name](rows.start // self.chunk_rows)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(self.encoder.encode(values))
