@@ -123,6 +123,7 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
         ("data stores", "data/*.zarr"),
         ("models", "runs/*/model.pt"),
         ("checkpoints", "runs/*/checkpoint.pt"),
+        ("probe tables", "runs/*/probes.parquet"),
         ("activation stores", "activations/*/*.zarr"),
         ("Gram stores", "gram/**/*.zarr"),
         ("CKA tiles", "cka/*/*.parquet"),
@@ -142,11 +143,12 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
         study = Study(cfg.load(config_path))
         root = path.parent
         expected = [study.data_store()]
-        expected += [p for run in study.runs for p in (study.model(run), study.metrics(run))]
+        expected += study.run_files()
         expected += [study.activations(run, view) for run, view in study.run_views()]
         expected += [study.gram(side) for side in study.sides()]
         expected += [study.tile_path(tile) for tile in study.all_tiles()]
-        expected += ["results/tables/cka.parquet", *study.figures()]
+        expected += ["results/tables/cka.parquet", *study.run_tables(), *study.figures()]
+        expected.append("results/summary.md")
         missing = [p for p in expected if not (root / p).exists()]
         lines.append(
             f"  study {config_path}: {len(expected) - len(missing)} of "
