@@ -181,7 +181,7 @@ def test_changed_settings_do_not_resume_a_foreign_partial_store(trained, prepare
 def test_chunks_written_directly_read_back_through_zarr(codec, tmp_path):
     """The writer's own encoding: for zstd and no codec the very bytes Zarr writes; for every
     codec the values Zarr reads back, the short last chunk included."""
-    from ckaflow.activations import ChunkEncoder, StoreOptions, chunk_path
+    from ckaflow.activations import ChunkEncoder, ChunkPaths, StoreOptions
 
     options = StoreOptions(codec=codec, chunk_rows=4)
     values = np.maximum(np.random.default_rng(0).normal(size=(10, 6)), 0).astype("float32")
@@ -198,23 +198,23 @@ def test_chunks_written_directly_read_back_through_zarr(codec, tmp_path):
         block = np.zeros((4, 6), dtype="float32")
         rows = values[4 * chunk : 4 * chunk + 4]
         block[: len(rows)] = rows
-        path = chunk_path(ours, "x", chunk)
+        path = ChunkPaths(ours["x"])(chunk)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encoder.encode(block))
         if codec != "lz4":  # blosc frames may differ in header details, not in values
-            assert path.read_bytes() == chunk_path(theirs, "x", chunk).read_bytes()
+            assert path.read_bytes() == ChunkPaths(theirs["x"])(chunk).read_bytes()
     np.testing.assert_array_equal(zarr.open_group(tmp_path / "ours.zarr")["x"][:], values)
 
 
 def test_a_store_with_a_missing_chunk_or_a_wrong_shape_is_refused(activations, tmp_path):
     import shutil
 
-    from ckaflow.activations import chunk_path
+    from ckaflow.activations import ChunkPaths
 
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(activations[("simclr", "clean")], damaged)
     group = zarr.open_group(damaged)
-    chunk_path(group, "layer2.0.out", 1).unlink()
+    ChunkPaths(group["layer2.0.out"])(1).unlink()
     with pytest.raises(StoreError, match=r"layer2.0.out lacks chunk files \[1\]"):
         open_store(damaged)
     foreign = tmp_path / "foreign.zarr"

@@ -78,14 +78,14 @@ def test_class_tile_against_one_hot_labels(grams, activations, prepared, tmp_pat
     assert value == pytest.approx(cka.minibatch_cka(fc, labels, batch_size=64), abs=1e-8)
 
 
-def test_sides_with_different_examples_are_refused(grams, tmp_path):
+def _refused_against_edited_copy(grams, tmp_path, edit, match):
+    """A copy of one Gram store with its attributes edited: a tile against it is refused."""
     import shutil
 
     other = tmp_path / "other.zarr"
     shutil.copytree(grams[("simclr", "aug1")], other)
-    group = zarr.open_group(other, mode="r+")
-    group.attrs["example_ids"] = list(reversed(group.attrs["example_ids"]))
-    with pytest.raises(TileError, match="different examples or a different row order"):
+    edit(zarr.open_group(other, mode="r+").attrs)
+    with pytest.raises(TileError, match=match):
         compute_tile(
             "x",
             "cross",
@@ -97,6 +97,15 @@ def test_sides_with_different_examples_are_refused(grams, tmp_path):
             str(tmp_path / "t.parquet"),
         )
     assert not (tmp_path / "t.parquet").exists()
+
+
+def test_sides_with_different_examples_are_refused(grams, tmp_path):
+    def reverse_rows(attrs):
+        attrs["example_ids"] = list(reversed(attrs["example_ids"]))
+
+    _refused_against_edited_copy(
+        grams, tmp_path, reverse_rows, "different examples or a different row order"
+    )
 
 
 def test_nan_activations_are_refused_naming_the_layer(activations, tmp_path):
@@ -112,19 +121,7 @@ def test_nan_activations_are_refused_naming_the_layer(activations, tmp_path):
 
 
 def test_gram_store_of_another_estimator_is_refused(grams, tmp_path):
-    import shutil
+    def relabel(attrs):
+        attrs["estimator"] = "linear"
 
-    other = tmp_path / "other.zarr"
-    shutil.copytree(grams[("simclr", "aug1")], other)
-    zarr.open_group(other, mode="r+").attrs["estimator"] = "linear"
-    with pytest.raises(TileError, match="hold minibatch/linear statistics"):
-        compute_tile(
-            "x",
-            "cross",
-            str(grams[("simclr", "clean")]),
-            str(other),
-            range(0, 1),
-            range(0, 1),
-            "minibatch",
-            str(tmp_path / "t.parquet"),
-        )
+    _refused_against_edited_copy(grams, tmp_path, relabel, "hold minibatch/linear statistics")

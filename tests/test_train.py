@@ -146,3 +146,26 @@ def test_simclr_linear_probe_beats_the_untrained_encoder_by_five_points(fashion_
     probes = probe_run(model, store, tmp_path / "probes.parquet", layers="pool", device="cpu")
     pool = probes.set_index("encoder")["eval_accuracy"]
     assert pool["trained"] >= pool["untrained"] + 0.05, pool.to_dict()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "older format"])
+def test_a_damaged_or_older_checkpoint_is_ignored_and_training_starts_over(
+    damage, prepared, trained, tmp_path
+):
+    cfg = tiny_config()
+    run = next(r for r in config.run_specs(cfg) if r.method == "supervised")
+    aug = config.augment_spec(cfg)
+    out = tmp_path / "run"
+    out.mkdir()
+    good = torch.load(trained["supervised"].parent / "checkpoint.pt", weights_only=False)
+    if damage == "truncated":
+        torch.save(good, out / "full.pt")
+        blob = (out / "full.pt").read_bytes()
+        (out / "checkpoint.pt").write_bytes(blob[: len(blob) // 2])
+    else:
+        torch.save({k: good[k] for k in ("model", "spec_hash", "epoch")}, out / "checkpoint.pt")
+    lines = []
+    model = train_run(run, aug, prepared, out, device="cpu", log=lines.append)
+    assert any(line.startswith("ignoring checkpoint") for line in lines), lines
+    a, b = _weights(trained["supervised"]), _weights(model)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same as training from the start

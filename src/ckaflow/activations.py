@@ -107,14 +107,10 @@ class ChunkEncoder:
         return bytes(self.codec.encode(values))
 
 
-def chunk_path(group: zarr.Group, name: str, chunk: int) -> Path:
-    """The file of row chunk `chunk` of array `name` in a store on the local file system."""
-    return ChunkPaths(group[name])(chunk)
-
-
 class ChunkPaths:
-    """Chunk files of one array, its metadata read once (opening the array costs more than
-    writing a small chunk)."""
+    """`ChunkPaths(array)(i)`: the file of row chunk i of an array in a store on the local file
+    system; the array's metadata is read once (opening an array costs more than writing a
+    small chunk)."""
 
     def __init__(self, array: zarr.Array):
         self.root = Path(array.store_path.store.root) / array.path
@@ -130,18 +126,20 @@ def check_chunks(path: Path, group: zarr.Group) -> None:
     writes every chunk (empty ones too), so a missing file is damage, which Zarr would
     otherwise read silently as zeros."""
     n = group.attrs.get("n_examples")
+    arrays = dict(group.arrays())
     for layer in group.attrs.get("layers", []):
         name = layer["name"]
-        if name not in group:
+        if name not in arrays:
             raise StoreError(f"{path}: layer {name} is listed but has no array; rerun its stage")
-        array = group[name]
+        array = arrays[name]
         if n is not None and array.shape[0] != n:
             raise StoreError(
                 f"{path}: layer {name} has {array.shape[0]} rows where the store has {n} "
                 "examples (a foreign or damaged store); rerun its stage"
             )
         chunks = -(-array.shape[0] // array.chunks[0])
-        missing = [i for i in range(chunks) if not chunk_path(group, name, i).exists()]
+        paths = ChunkPaths(array)
+        missing = [i for i in range(chunks) if not paths(i).exists()]
         if missing:
             raise StoreError(
                 f"{path}: layer {name} lacks chunk files {missing} of {chunks} (a damaged "

@@ -88,18 +88,19 @@ def cmd_train(args) -> None:
     _launch(args, "train", train_run, kwargs, key=args.out_dir)
 
 
+def _model_stage(args, stage: str, fn, options: str | None, **kwargs) -> None:
+    """A heavy stage that runs a trained model over the data store (evaluate, extract):
+    common arguments, plus the optional JSON `options` of its config section."""
+    _set_threads(args.threads)
+    kwargs.update(model_path=args.model, data_path=args.data, out=args.out, device=args.device)
+    kwargs.update(json.loads(options) if options else {})
+    _launch(args, stage, fn, kwargs, key=args.out)
+
+
 def cmd_evaluate(args) -> None:
     from ckaflow.evaluate import probe_run
 
-    _set_threads(args.threads)
-    kwargs = {
-        "model_path": args.model,
-        "data_path": args.data,
-        "out": args.out,
-        "device": args.device,
-        **(json.loads(args.spec) if args.spec else {}),
-    }
-    _launch(args, "evaluate", probe_run, kwargs, key=args.out)
+    _model_stage(args, "evaluate", probe_run, args.spec)
 
 
 def cmd_run_tables(args) -> None:
@@ -112,18 +113,15 @@ def cmd_run_tables(args) -> None:
 def cmd_extract(args) -> None:
     from ckaflow.activations import extract
 
-    _set_threads(args.threads)
-    kwargs = {
-        "model_path": args.model,
-        "data_path": args.data,
-        "view": args.view,
-        "out": args.out,
-        "batch_size": args.batch_size,
-        "chunk_rows": args.chunk_rows,
-        "device": args.device,
-        **(json.loads(args.store) if args.store else {}),
-    }
-    _launch(args, "extract", extract, kwargs, key=args.out)
+    _model_stage(
+        args,
+        "extract",
+        extract,
+        args.store,
+        view=args.view,
+        batch_size=args.batch_size,
+        chunk_rows=args.chunk_rows,
+    )
 
 
 def cmd_gram(args) -> None:

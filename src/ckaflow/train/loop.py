@@ -153,7 +153,9 @@ def train_run(
     start_epoch, step0, sums, gen_state = 0, 0, None, None
     if ckpt_path.exists():
         try:
-            state = checkpoint.load(ckpt_path, expect_spec_hash=spec_hash)
+            state = checkpoint.load(
+                ckpt_path, expect_spec_hash=spec_hash, expect_keys=checkpoint.TRAINING_KEYS
+            )
         except CheckpointError as err:
             log(f"ignoring checkpoint: {err}")
         else:
