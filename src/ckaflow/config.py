@@ -112,10 +112,14 @@ class AugmentSpec:
     grayscale_p: float
 
 
+INIT_MODES = ("seed", "seed-and-method", "shared")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str
     width: int
+    init: str = "seed"  # where initial weights come from: see INIT_MODES and the schema
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,23 @@ class RunSpec:
     def run_id(self) -> str:
         return run_id(self.method, self.model, self.seed)
 
+    @property
+    def init_id(self) -> str:
+        """Names the initial weights: two runs with equal init_id (and model) start from the
+        same network, so their similarity is partly inherited from the starting point."""
+        mode = self.model.init
+        if mode == "shared":
+            return "shared"
+        if mode == "seed-and-method":
+            return f"{self.method}-s{self.seed}"
+        return f"s{self.seed}"
+
 
 @dataclass(frozen=True)
 class CkaSpec:
     estimator: str
     batch_size: int
+    passes: int
     bootstrap: int
     tile_layers: int
     comparisons: tuple[str, ...]

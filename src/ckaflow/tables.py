@@ -17,6 +17,7 @@ SIDE_COLUMNS = (
     "method",
     "arch",
     "seed",
+    "init",
     "view",
     "layer",
     "layer_index",

@@ -10,6 +10,8 @@ from ckaflow.errors import TileError
 
 
 def _side_columns(attrs: dict, layer: dict, suffix: str) -> dict:
+    from ckaflow.config import run_spec_from_dict
+
     run = attrs.get("run_spec") or {}
     model = run.get("model") or {}
     return {
@@ -17,6 +19,7 @@ def _side_columns(attrs: dict, layer: dict, suffix: str) -> dict:
         f"method_{suffix}": run.get("method"),
         f"arch_{suffix}": model.get("arch"),
         f"seed_{suffix}": run.get("seed"),
+        f"init_{suffix}": run_spec_from_dict(run).init_id if run else None,
         f"view_{suffix}": attrs["view"],
         f"layer_{suffix}": layer["name"],
         f"layer_index_{suffix}": layer["index"],

@@ -55,10 +55,20 @@ def build_network(method: str, spec: ModelSpec, data_attrs: dict, head_outputs: 
 def initial_network(run: RunSpec, data_attrs: dict) -> Network:
     """The run's network as training starts (seeded): also the untrained probe baseline."""
     method = METHODS[run.method](run.recipe, None)
-    torch.manual_seed(hash_seed(run.seed, 0xC0FFEE))
+    torch.manual_seed(init_seed(run))
     return build_network(
         run.method, run.model, data_attrs, method.head_outputs(data_attrs["num_classes"])
     )
+
+
+def init_seed(run: RunSpec) -> int:
+    """The torch seed of the run's initial weights (`model.init` in the config)."""
+    if run.model.init == "shared":
+        return hash_seed(0, 0xC0FFEE)
+    if run.model.init == "seed-and-method":
+        method = sum(ord(c) << (8 * i) for i, c in enumerate(run.method[:7]))
+        return hash_seed(run.seed, method, 0xC0FFEE)
+    return hash_seed(run.seed, 0xC0FFEE)
 
 
 def train_spec_hash(run: RunSpec, aug: AugmentSpec, data_hash: str) -> str:
