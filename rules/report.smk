@@ -45,10 +45,15 @@ rule summary:
         cka="results/tables/cka.parquet",
         probes="results/tables/probes.parquet",
     output:
-        report("results/summary.md", caption="../workflow/report/summary.rst", category="Summary"),
+        summary=report(
+            "results/summary.md", caption="../workflow/report/summary.rst", category="Summary"
+        ),
+        claims="results/tables/claims.parquet",
+        claims_csv="results/tables/claims.csv",
     log:
         "results/logs/summary.log",
     conda:
         CONDA_ENV
     shell:
-        "ckaflow summarize --table {input.cka} --probes {input.probes} --out {output} > {log} 2>&1"
+        "ckaflow summarize --table {input.cka} --probes {input.probes} --claims {output.claims}"
+        " --out {output.summary} > {log} 2>&1"

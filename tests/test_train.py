@@ -169,3 +169,27 @@ def test_a_damaged_or_older_checkpoint_is_ignored_and_training_starts_over(
     assert any(line.startswith("ignoring checkpoint") for line in lines), lines
     a, b = _weights(trained["supervised"]), _weights(model)
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same as training from the start
+
+
+def test_untrained_baseline_gets_batchnorm_statistics_of_the_training_images(fashion_root):
+    """The stem's BatchNorm sees the stem convolution's output: after calibration its running
+    mean is that output's per-channel mean over the images (equal batches: the mean of the
+    batch means), no longer the initial 0 and 1."""
+    from ckaflow.data import load_fashion_mnist
+    from ckaflow.evaluate import calibrate_batchnorm
+    from ckaflow.train.loop import initial_network
+
+    run = config.run_specs(tiny_config())[0]
+    attrs = {"image_shape": [1, 28, 28], "num_classes": 10}
+    net = initial_network(run, attrs)
+    images = torch.from_numpy(load_fashion_mnist(fashion_root).train_images[:512].copy())
+    normalise = lambda x: (x - 0.286) / 0.353  # noqa: E731
+    bn = net.encoder.bn1
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    calibrate_batchnorm(net, images, normalise, "cpu", batch_size=128)
+    assert not net.training
+    with torch.no_grad():
+        conv = net.encoder.conv1(normalise(images.float() / 255))
+    torch.testing.assert_close(bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    per_batch = conv.view(4, 128, *conv.shape[1:]).transpose(1, 2).flatten(2).var(dim=2)
+    torch.testing.assert_close(bn.running_var, per_batch.mean(0), rtol=1e-4, atol=1e-6)

@@ -177,7 +177,7 @@ def cmd_plot(args) -> None:
 def cmd_summarize(args) -> None:
     from ckaflow.summary import summarize
 
-    print(summarize(args.table, args.out, probes=args.probes))
+    print(summarize(args.table, args.out, probes=args.probes, claims_out=args.claims))
 
 
 def cmd_plan(args) -> None:
@@ -291,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("summarize", cmd_summarize, "the paper's claims with this run's numbers")
     p.add_argument("--table", required=True)
     p.add_argument("--probes", default=None, help="probes.parquet (optional)")
+    p.add_argument("--claims", default=None, help="write the claims table here (parquet + csv)")
     p.add_argument("--out", required=True)
 
     p = stage("plan", cmd_plan, "jobs, bytes, FLOPs and GPU-hours of a study, before running it")

@@ -2,8 +2,9 @@
 
 The probes are the paper's linear-separability curve: each registered layer, averaged over
 space, feeds a multinomial logistic regression fitted on the train subset and scored on the
-clean eval subset. The same probes on the run's untrained network (its exact initial weights)
-are the baseline a trained encoder must beat.
+clean eval subset. The same probes on the run's untrained network (its exact initial weights,
+with BatchNorm statistics from the training images) are the baseline a trained encoder must
+beat.
 """
 
 from __future__ import annotations
@@ -67,6 +68,22 @@ def pooled_layers(
             for name in names:
                 parts[name].append(captured[name].float())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+@torch.no_grad()
+def calibrate_batchnorm(net, pixels_uint8: torch.Tensor, normalise, device, batch_size: int = 512):
+    """Replace every BatchNorm's running statistics by those of the given images: one no-grad
+    pass in train mode, averaged over all batches (momentum None). An untrained network keeps
+    its initial statistics (mean 0, variance 1) otherwise, which in eval mode scales each
+    channel arbitrarily; trained networks got theirs from the training images too."""
+    from torch.optim.swa_utils import update_bn
+
+    batches = (
+        normalise(pixels_uint8[start : start + batch_size].to(device).float() / 255)
+        for start in range(0, len(pixels_uint8), batch_size)
+    )
+    update_bn(batches, net)
+    return net.eval()
 
 
 def linear_probe(
@@ -136,7 +153,10 @@ def probe_run(
     names = [layer.name for layer in chosen]
     encoders = {"trained": trained}
     if untrained:
-        encoders["untrained"] = initial_network(run, meta["data_attrs"])
+        untrained_net = initial_network(run, meta["data_attrs"]).to(dev)
+        encoders["untrained"] = calibrate_batchnorm(
+            untrained_net, train_images, data.normalise, dev
+        )
     rows = []
     for encoder, net in encoders.items():
         net = net.to(dev)

@@ -1,5 +1,5 @@
-"""`results/summary.md`: each of the paper's claims as a sentence with this run's numbers, and
-whether this run agrees."""
+"""`results/summary.md`, written from `results/tables/claims.parquet`: each of the paper's claims
+with its effect, uncertainty, seed noise floor and verdict (rules in `ckaflow.claims`)."""
 
 from __future__ import annotations
 
@@ -8,88 +8,63 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ckaflow.claims import claims_table, shared_init_effect
 from ckaflow.provenance import atomic_path
-from ckaflow.tables import read_table
+from ckaflow.tables import read_table, write_both
 
 PAPER = "Grigg et al. 2021 (arXiv 2110.00528)"
 
 
-def _mean_sd(values: pd.Series) -> str:
-    values = values.dropna()
-    if len(values) == 0:
-        return "n/a"
-    return f"{values.mean():.2f} ± {values.std(ddof=0):.2f}"
+def _num(x: float, fmt: str = "+.3f") -> str:
+    return format(x, fmt) if np.isfinite(x) else "n/a"
 
 
-def _verdict(ok: bool) -> str:
-    return "**agrees** with the paper" if ok else "**disagrees** with the paper"
-
-
-def cross_method_diagonal(table: pd.DataFrame) -> pd.DataFrame:
-    cross = table[(table["kind"] == "cross") & (table["method_a"] != table["method_b"])]
-    return cross[cross["layer_a"] == cross["layer_b"]]
-
-
-def claims(table: pd.DataFrame) -> list[str]:
-    lines: list[str] = []
-    diagonal = cross_method_diagonal(table)
-    if len(diagonal):
-        stages = sorted(s for s in diagonal["stage_a"].unique() if 1 <= s <= 4)
-        early = diagonal[diagonal["stage_a"] <= 1]["value"]
-        last = diagonal[diagonal["stage_a"] == max(stages)]["value"]
-        lines.append(
-            f"- **Early layers match.** Cross-method CKA of the stem and stage 1 layers with the "
-            f"same layer of the other method: {_mean_sd(early)}; last stage: {_mean_sd(last)}. "
-            f"This {_verdict(early.mean() > last.mean() and early.mean() > 0.8)} "
-            "(high early similarity that falls with depth)."
+def claim_lines(claims: pd.DataFrame) -> list[str]:
+    lines = [
+        "| claim | statistic | effect [95% interval] | seed floor | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for row in claims.itertuples():
+        interval = (
+            f"[{_num(row.ci_low)}, {_num(row.ci_high)}]" if np.isfinite(row.ci_low) else "[n/a]"
         )
-        for stage in stages:
-            part = diagonal[diagonal["stage_a"] == stage]
-            even = part[part["layer_kind_a"] == "out"]["value"]
-            odd = part[part["layer_kind_a"] == "residual"]["value"]
-            lines.append(
-                f"  - In stage {stage} the mean even-layer (post-residual) cross-method CKA is "
-                f"{_mean_sd(even)}, the odd-layer (residual-branch) one {_mean_sd(odd)}."
-            )
-        middle = diagonal[diagonal["stage_a"].isin(stages[1:-1] or stages)]
-        even = middle[middle["layer_kind_a"] == "out"]["value"].mean()
-        odd = middle[middle["layer_kind_a"] == "residual"]["value"].mean()
-        gap = even - odd
-        verdict = _verdict(gap > 0)
-        if 0 < gap < 0.05:
-            verdict = f"agrees only weakly with the paper (a gap of {gap:.2f})"
-        lines.append(
-            f"- **Post-residual layers stay similar through the middle, residual branches do "
-            f"not.** Middle stages: even {even:.2f} vs odd {odd:.2f}; this {verdict} "
-            "(the paper finds even layers clearly above odd ones)."
+        floor = (
+            f"±{row.noise_floor:.3f} ({row.replicates})"
+            if np.isfinite(row.noise_floor)
+            else f"n/a ({row.replicates})"
         )
         lines.append(
-            f"- **The last stage diverges.** Stage {max(stages)}: {_mean_sd(last)} against "
-            f"{_mean_sd(early)} early; this {_verdict(last.mean() < early.mean())}."
+            f"| **{row.claim}** {row.title} | {row.statistic} | {_num(row.value)} {interval} | "
+            f"{floor} | **{row.verdict}** |"
         )
-    invariance = table[(table["kind"] == "invariance") & (table["view_a"] == "aug1")]
-    invariance = invariance[invariance["layer_a"] == invariance["layer_b"]]
-    final = _final_layer_values(invariance)
-    if {"simclr", "supervised"} <= set(final):
-        lines.append(
-            f"- **SimCLR fits augmentation invariance.** CKA(aug1, aug2) at the pooled features: "
-            f"SimCLR {final['simclr']:.2f}, supervised {final['supervised']:.2f}; this "
-            f"{_verdict(final['simclr'] > final['supervised'])}."
-        )
-    classes = _final_layer_values(table[table["kind"] == "class"])
-    if {"simclr", "supervised"} <= set(classes):
-        lines.append(
-            f"- **Supervised learning fits the classes.** CKA with the one-hot labels at the "
-            f"pooled features: supervised {classes['supervised']:.2f}, SimCLR "
-            f"{classes['simclr']:.2f}; this {_verdict(classes['supervised'] > classes['simclr'])}."
-        )
+    lines.append("")
+    lines += [f"- {row.claim}: {row.detail}" for row in claims.itertuples() if row.detail]
     return lines
 
 
-def _final_layer_values(frame: pd.DataFrame) -> dict[str, float]:
-    """Mean over runs of each method of the value at `pool`."""
-    pooled = frame[frame["layer_a"] == "pool"]
-    return {m: float(g["value"].mean()) for m, g in pooled.groupby("method_a")}
+def shared_init_lines(table: pd.DataFrame) -> list[str]:
+    frame = shared_init_effect(table)
+    if "shared_init" not in frame or "different_init" not in frame:
+        return []
+    names = {
+        "shared_init": "cross-method, same initial weights",
+        "different_init": "cross-method, different initial weights",
+        "seed_pairs": "same method, different seeds",
+    }
+    cols = [c for c in names if c in frame]
+    lines = [
+        "## How much the starting point explains",
+        "",
+        "Mean CKA of each layer with the same layer of the other run, per stage (0 = stem, "
+        "5 = pool and heads). Runs that start from the same initial weights inherit part of "
+        "their similarity; the claims above use pairs from different initial weights.",
+        "",
+        "| stage | " + " | ".join(names[c] for c in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for stage, row in frame.iterrows():
+        lines.append(f"| {stage} | " + " | ".join(_num(row[c], ".2f") for c in cols) + " |")
+    return [*lines, ""]
 
 
 def probe_lines(probes: pd.DataFrame) -> list[str]:
@@ -108,30 +83,58 @@ def probe_lines(probes: pd.DataFrame) -> list[str]:
     return lines
 
 
-def summarize(table_path: str | Path, out: str | Path, probes: str | Path | None = None) -> str:
+RULES = (
+    "Each effect is oriented so that a positive value is what the paper reports. Its interval "
+    "adds the half-widths of the bootstrap intervals of the CKA values it is built from "
+    "(binomial intervals for probe accuracies); the seed floor is the largest change of the "
+    "statistic between seeds (in brackets: the runs or run pairs it averages). With u the larger "
+    "of the two: *agrees* if the effect > u, *disagrees* if < −u, *within noise* otherwise; C1 "
+    "and C2 claim sameness (the methods as alike as two seeds of one method) and agree when the "
+    "effect ≥ −u; *not measured* when a layer, comparison or seed pair is missing."
+)
+
+
+def summarize(
+    table_path: str | Path,
+    out: str | Path,
+    probes: str | Path | None = None,
+    claims_out: str | Path | None = None,
+) -> str:
     table = read_table(table_path)
+    probe_table = read_table(probes, "probes") if probes is not None else None
+    claims = claims_table(table, probe_table)
+    if claims_out is not None:
+        write_both(claims, Path(claims_out))
     probe_text = []
-    if probes is not None:
+    if probe_table is not None:
         probe_text = [
             "## Linear probes (eval subset, spatially pooled features of each layer)",
             "",
-            *probe_lines(read_table(probes, "probes")),
+            *probe_lines(probe_table),
+            "",
+            "The untrained baseline is each run's exact initial network with BatchNorm statistics "
+            "from one pass over the training images.",
             "",
         ]
     runs = sorted(set(table["run_a"]) - {"labels"})
     estimator = table["estimator"].iloc[0]
     n = int(table["n"].iloc[0])
+    boot = int(table["bootstrap"].iloc[0])
     text = "\n".join(
         [
             "# ckaflow summary",
             "",
-            f"Runs: {', '.join(runs)}. CKA estimator: {estimator}, {n} eval examples. "
-            f"Config hash {table['config_hash'].iloc[0]}, code {table['code_version'].iloc[0]}.",
+            f"Runs: {', '.join(runs)}. CKA estimator: {estimator}, {n} eval examples, "
+            f"{boot} bootstrap replicates. Config hash {table['config_hash'].iloc[0]}, "
+            f"code {table['code_version'].iloc[0]}.",
             "",
             f"## The paper's claims ({PAPER}), measured in this run",
             "",
-            *(claims(table) or ["(this study has no cross-method comparison to check)"]),
+            *claim_lines(claims),
             "",
+            RULES,
+            "",
+            *shared_init_lines(table),
             *probe_text,
             f"Non-finite CKA values: {int((~np.isfinite(table['value'])).sum())}.",
             "",

@@ -68,7 +68,7 @@ def merge_tiles(tiles: list[str | Path], out: str | Path, config_hash: str) -> p
     table = table.sort_values(["comparison", "layer_index_a", "layer_index_b"], ignore_index=True)
     table["config_hash"] = config_hash
     table["merged_by"] = code_version()
-    _write_both(table, Path(out))
+    write_both(table, Path(out))
     return table
 
 
@@ -97,7 +97,7 @@ def read_table(path: str | Path, kind: str = "cka") -> pd.DataFrame:
     return table
 
 
-def _write_both(table: pd.DataFrame, out: Path) -> None:
+def write_both(table: pd.DataFrame, out: Path) -> None:
     with atomic_path(out) as scratch:
         table.to_parquet(scratch, index=False)
     with atomic_path(out.with_suffix(".csv")) as scratch:
@@ -157,6 +157,6 @@ def run_tables(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
         tables["probes"] = pd.concat(probes, ignore_index=True)
     written = []
     for name, table in tables.items():
-        _write_both(table, out_dir / f"{name}.parquet")
+        write_both(table, out_dir / f"{name}.parquet")
         written.append(out_dir / f"{name}.parquet")
     return written

@@ -1,0 +1,309 @@
+"""Verdicts against noise: synthetic CKA and probe tables with a known effect, noise and gaps.
+
+A study here has ResNet-18 runs of both methods with seeds 0 and 1 (initial weights from the
+seed, so simclr-s0 and supervised-s0 share theirs). Each table is built from a `World`: the
+CKA a cross pair gets at each layer, by what kind of pair it is, plus a per-pair offset (the
+seed noise) and a bootstrap half-width.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ckaflow.claims import CLAIMS, VERDICTS, Effect, claims_table, shared_init_effect, verdict
+from ckaflow.layers import layer_registry
+from ckaflow.summary import summarize
+
+METHODS = ("simclr", "supervised")
+
+
+def run(method: str, seed: int) -> dict:
+    return {
+        "run": f"{method}-resnet18-s{seed}",
+        "method": method,
+        "arch": "resnet18",
+        "seed": seed,
+        "init": f"s{seed}",
+    }
+
+
+@dataclass
+class World:
+    """What the paper reports, with knobs to weaken, reverse or blur each effect."""
+
+    early: float = 0.95  # cross-method CKA at stem and stage 1 (different initial weights)
+    seed_pairs: float = 0.95  # same-method seed pairs, every layer
+    shared_bonus: float = 0.03  # extra CKA of pairs that share initial weights
+    even: float = 0.85  # middle stages, post-residual
+    odd: float = 0.6  # middle stages, residual branch
+    last: float = 0.45  # last stage
+    dip: float = 0.15  # first block of stages 2.. below its neighbours
+    inv_stem: float = 0.3
+    inv_pool: dict = field(default_factory=lambda: {"simclr": 0.9, "supervised": 0.4})
+    class_pool: dict = field(default_factory=lambda: {"simclr": 0.4, "supervised": 0.8})
+    probe_stem: float = 0.5
+    probe_pool: dict = field(default_factory=lambda: {"simclr": 0.8, "supervised": 0.85})
+    within_gap: float = 0.0  # how far the supervised within-model matrices are from SimCLR's
+    noise: float = 0.0  # per-seed offset: seed 0 +noise, seed 1 −noise
+    half_width: float = 0.01  # bootstrap half-width of every CKA value
+    seeds: tuple = (0, 1)
+    nan_layers: tuple = ()  # layers whose CKA is NaN (e.g. not stored)
+
+    def offset(self, seed: int) -> float:
+        return self.noise if seed == 0 else -self.noise
+
+    def cross(self, a: dict, b: dict, layer) -> float:
+        if a["method"] == b["method"]:
+            return self.seed_pairs
+        if layer.stage <= 1:
+            value = self.early
+        elif layer.stage == 4:
+            value = self.last
+        elif layer.kind == "out":
+            value = self.even
+        elif layer.kind == "residual":
+            value = self.odd
+        else:
+            value = (self.even + self.odd) / 2
+        if layer.stage >= 2 and layer.block == 0 and layer.kind in ("out", "residual"):
+            value -= self.dip
+        if a["init"] == b["init"]:
+            value += self.shared_bonus
+        # seed noise (moves with the first run's seed) where the claims look: the early layers,
+        # the middle stages' even layers, and the last stage the other way
+        sign = 1 if layer.stage <= 1 or layer.kind == "out" else 0
+        sign = -1 if layer.stage == 4 else sign
+        return value + sign * self.offset(a["seed"])
+
+
+def _row(kind, a, b, view_a, view_b, la, lb, value, hw, tag) -> dict:
+    row = {"comparison": tag, "kind": kind}
+    for side, info, view, layer in (("a", a, view_a, la), ("b", b, view_b, lb)):
+        row |= {f"{k}_{side}": v for k, v in info.items()}
+        row |= {
+            f"view_{side}": view,
+            f"layer_{side}": layer.name,
+            f"layer_index_{side}": layer.index,
+            f"layer_kind_{side}": layer.kind,
+            f"stage_{side}": layer.stage,
+            f"block_{side}": layer.block,
+        }
+    return row | {"value": value, "ci_low": value - hw, "ci_high": value + hw}
+
+
+LABELS = {"run": "labels", "method": None, "arch": None, "seed": None, "init": None}
+
+
+def cka_table(w: World) -> pd.DataFrame:
+    from ckaflow.layers import label_layer
+
+    runs = [run(m, s) for m in METHODS for s in w.seeds]
+    rows = []
+    for a in runs:
+        layers = layer_registry("resnet18", a["method"])
+        body = [la for la in layers if la.kind not in ("head", "fc")]
+        bump = w.within_gap if a["method"] == "supervised" else 0.0
+        for la, lb in itertools.product(body, body):
+            dist = abs(la.index - lb.index) / len(body)
+            value = max(0.0, 1 - dist - bump * (la.index != lb.index)) + w.offset(a["seed"]) / 5
+            rows.append(_row("within", a, a, "clean", "clean", la, lb, value, w.half_width, "w"))
+        for la in layers:
+            depth = la.index / (len(body) - 1)  # 0 at the stem, 1 at pool
+            inv = w.inv_stem + (w.inv_pool[a["method"]] - w.inv_stem) * depth
+            inv += w.offset(a["seed"]) * depth  # seeds differ most at the top
+            rows.append(_row("invariance", a, a, "aug1", "aug2", la, la, inv, w.half_width, "i"))
+            cls = (w.class_pool[a["method"]] + w.offset(a["seed"])) * depth
+            rows.append(
+                _row(
+                    "class", a, LABELS, "clean", "labels", la, label_layer(), cls, w.half_width, "c"
+                )
+            )
+    for a, b in itertools.combinations(runs, 2):
+        tag = f"cross-{a['run']}-vs-{b['run']}"
+        shared = [
+            la for la in layer_registry("resnet18", a["method"]) if la.kind not in ("head", "fc")
+        ]
+        for layer in shared:
+            value = w.cross(a, b, layer)
+            rows.append(
+                _row("cross", a, b, "clean", "clean", layer, layer, value, w.half_width, tag)
+            )
+    table = pd.DataFrame(rows)
+    # each run's within/invariance/class comparison is its own comparison id
+    table.loc[table["kind"] != "cross", "comparison"] = (
+        table["kind"] + "-" + table["run_a"] + "-" + table["view_a"]
+    )
+    table.loc[table["layer_a"].isin(w.nan_layers), "value"] = np.nan
+    return table.assign(
+        estimator="minibatch", n=2000, bootstrap=200, config_hash="x", code_version="t"
+    )
+
+
+def probes_table(w: World) -> pd.DataFrame:
+    rows = []
+    for method in METHODS:
+        for seed in w.seeds:
+            for layer in layer_registry("resnet18", method):
+                top = w.probe_pool[method]
+                acc = w.probe_stem + (top - w.probe_stem) * min(1.0, layer.index / 27)
+                rows.append(
+                    {
+                        "run": run(method, seed)["run"],
+                        "method": method,
+                        "seed": seed,
+                        "encoder": "trained",
+                        "layer": layer.name,
+                        "layer_index": layer.index,
+                        "layer_kind": layer.kind,
+                        "stage": layer.stage,
+                        "eval_accuracy": acc + w.offset(seed) * min(1.0, layer.index / 27),
+                        "n_eval": 2000,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def verdicts(w: World) -> dict[str, str]:
+    table = claims_table(cka_table(w), probes_table(w))
+    return dict(zip(table["claim"], table["verdict"], strict=True))
+
+
+ALL = [c.claim for c in CLAIMS]
+
+
+def test_every_claim_agrees_when_the_data_follow_the_paper():
+    assert verdicts(World()) == dict.fromkeys(ALL, "agrees")
+
+
+REVERSED = {
+    "C1": World(within_gap=0.3),
+    "C2": World(early=0.6),
+    "C3": World(even=0.6, odd=0.85),
+    "C4": World(last=0.95),
+    "C5a": World(inv_stem=0.95),
+    "C5b": World(inv_pool={"simclr": 0.4, "supervised": 0.9}),
+    "C6": World(class_pool={"simclr": 0.8, "supervised": 0.4}),
+    "C7a": World(probe_pool={"simclr": 0.3, "supervised": 0.85}),
+    "C7b": World(probe_pool={"simclr": 0.8, "supervised": 0.3}),
+    "C8": World(dip=-0.15),
+}
+
+
+@pytest.mark.parametrize("claim", ALL)
+def test_a_clear_opposite_effect_disagrees(claim):
+    got = verdicts(REVERSED[claim])
+    assert got[claim] == "disagrees"
+
+
+# effects beyond their bootstrap intervals but inside the seed noise (the per-seed offset moves
+# each statistic by more than the effect), and C8's inside its interval
+WEAK = {
+    "C3": World(even=0.65, odd=0.6, noise=0.1),
+    "C4": World(last=0.65, even=0.72, odd=0.7, dip=0.0, noise=0.1),
+    "C5a": World(inv_stem=0.84, noise=0.1),
+    "C5b": World(inv_pool={"simclr": 0.66, "supervised": 0.6}, noise=0.1),
+    "C6": World(class_pool={"simclr": 0.6, "supervised": 0.66}, noise=0.1),
+    "C7a": World(probe_pool={"simclr": 0.57, "supervised": 0.85}, noise=0.1),
+    "C7b": World(probe_pool={"simclr": 0.8, "supervised": 0.57}, noise=0.1),
+    "C8": World(dip=0.01, half_width=0.05),
+}
+
+
+@pytest.mark.parametrize("claim", sorted(WEAK))
+def test_an_effect_inside_the_noise_is_within_noise(claim):
+    assert verdicts(WEAK[claim])[claim] == "within noise"
+
+
+@pytest.mark.parametrize("claim", ["C1", "C2"])
+def test_sameness_claims_agree_inside_the_noise_and_disagree_beyond_it(claim):
+    small = {"C1": World(within_gap=0.02, noise=0.1), "C2": World(early=0.9, noise=0.1)}
+    large = {"C1": World(within_gap=0.3, noise=0.01), "C2": World(early=0.8, noise=0.01)}
+    assert verdicts(small[claim])[claim] == "agrees"
+    assert verdicts(large[claim])[claim] == "disagrees"
+
+
+MISSING = {
+    "C1": World(nan_layers=("layer2.0.out",)),
+    "C2": World(nan_layers=("stem",)),
+    "C3": World(nan_layers=("layer2.1.residual",)),
+    "C4": World(nan_layers=("layer4.1.out",)),
+    "C5a": World(nan_layers=("stem",)),
+    "C5b": World(nan_layers=("pool",)),
+    "C6": World(nan_layers=("pool",)),
+    "C8": World(nan_layers=("layer3.0.residual",)),
+}
+
+
+@pytest.mark.parametrize("claim", sorted(MISSING))
+def test_a_nan_layer_is_not_measured(claim):
+    assert verdicts(MISSING[claim])[claim] == "not measured"
+
+
+def test_missing_layers_comparisons_and_seeds_are_not_measured():
+    w = World()
+    table = cka_table(w)
+    no_pool = table[(table["layer_a"] != "pool")]
+    got = claims_table(no_pool, probes_table(w).query("layer != 'pool'"))
+    got = dict(zip(got["claim"], got["verdict"], strict=True))
+    assert {got[c] for c in ("C5a", "C5b", "C6", "C7a", "C7b")} == {"not measured"}
+    # no invariance/class comparisons, no probes table
+    got = claims_table(table[table["kind"].isin(["within", "cross"])], None)
+    assert set(got.set_index("claim").loc[["C5a", "C5b", "C6", "C7a", "C7b"], "verdict"]) == {
+        "not measured"
+    }
+    # one seed per method: no seed pairs, so no claim of sameness can be judged
+    one = verdicts(World(seeds=(0,)))
+    assert one["C1"] == one["C2"] == "not measured"
+    assert one["C3"] == "agrees"  # the single (shared-initial-weights) pair, with its interval
+
+
+def test_claims_use_pairs_from_different_initial_weights():
+    # a large bonus for pairs that share initial weights must not rescue a disagreeing C2
+    w = World(early=0.6, shared_bonus=0.35)
+    assert verdicts(w)["C2"] == "disagrees"
+    frame = shared_init_effect(cka_table(w))
+    assert frame.loc[1, "shared_init"] - frame.loc[1, "different_init"] == pytest.approx(0.35)
+
+
+def test_the_interval_and_floor_are_reported():
+    table = claims_table(cka_table(World(noise=0.05)), probes_table(World(noise=0.05)))
+    c5b = table.set_index("claim").loc["C5b"]
+    assert c5b["value"] == pytest.approx(0.5)
+    assert c5b["ci_high"] - c5b["ci_low"] == pytest.approx(4 * 0.01)  # two means, ±0.01 each
+    assert c5b["noise_floor"] == pytest.approx(0.1)  # seed 0 +0.05, seed 1 −0.05
+    assert c5b["replicates"] == 4
+    assert set(table["verdict"]) <= set(VERDICTS)
+
+
+def test_verdict_rules():
+    assert verdict(Effect(0.1, 0.02, 0.05)) == "agrees"
+    assert verdict(Effect(-0.1, 0.02, 0.05)) == "disagrees"
+    assert verdict(Effect(0.04, 0.02, 0.05)) == "within noise"
+    assert verdict(Effect(0.04, 0.05, np.nan)) == "within noise"
+    assert verdict(Effect(np.nan, 0.02, 0.05)) == "not measured"
+    assert verdict(Effect(0.3, np.nan, np.nan)) == "not measured"  # no uncertainty known
+    assert verdict(Effect(-0.04, 0.05, np.nan), "sameness") == "agrees"
+    assert verdict(Effect(-0.1, 0.05, np.nan), "sameness") == "disagrees"
+
+
+def test_summary_is_written_from_the_claims_table(tmp_path):
+    w = World(even=0.6, odd=0.85)
+    cka, probes = tmp_path / "cka.parquet", tmp_path / "probes.parquet"
+    table = cka_table(w)
+    for col in ("batch_size", "source_a", "source_b"):
+        table[col] = 0
+    table.to_parquet(cka)
+    probes_table(w).assign(block=-1).to_parquet(probes)
+    text = summarize(cka, tmp_path / "summary.md", probes, claims_out=tmp_path / "claims.parquet")
+    claims = pd.read_parquet(tmp_path / "claims.parquet")
+    assert (tmp_path / "claims.csv").exists()
+    for row in claims.itertuples():
+        line = next(line for line in text.splitlines() if line.startswith(f"| **{row.claim}**"))
+        assert line.endswith(f"**{row.verdict}** |")
+    assert claims.set_index("claim").loc["C3", "verdict"] == "disagrees"
+    assert "How much the starting point explains" in text
