@@ -193,3 +193,30 @@ def test_untrained_baseline_gets_batchnorm_statistics_of_the_training_images(fas
     torch.testing.assert_close(bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     per_batch = conv.view(4, 128, *conv.shape[1:]).transpose(1, 2).flatten(2).var(dim=2)
     torch.testing.assert_close(bn.running_var, per_batch.mean(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("mode", "same_seed_methods", "same_method_seeds"),
+    [("seed", True, False), ("seed-and-method", False, False), ("shared", True, True)],
+)
+def test_model_init_decides_which_runs_share_initial_weights(
+    mode, same_seed_methods, same_method_seeds
+):
+    from ckaflow.train.loop import initial_network
+
+    cfg = tiny_config(model={"init": mode}, seeds=[0, 1])
+    runs = {(r.method, r.seed): r for r in config.run_specs(cfg)}
+    attrs = {"image_shape": [1, 28, 28], "num_classes": 10}
+
+    def encoder(method, seed):
+        return initial_network(runs[method, seed], attrs).encoder.state_dict()
+
+    def equal(a, b):
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    assert equal(encoder("simclr", 0), encoder("supervised", 0)) == same_seed_methods
+    assert equal(encoder("simclr", 0), encoder("simclr", 1)) == same_method_seeds
+    # the table's init column says the same
+    ids = {key: run.init_id for key, run in runs.items()}
+    assert (ids["simclr", 0] == ids["supervised", 0]) == same_seed_methods
+    assert (ids["simclr", 0] == ids["simclr", 1]) == same_method_seeds
