@@ -1,7 +1,21 @@
-"""Figures from the tidy CKA table: heatmaps and per-layer curves, readable in greyscale."""
+"""Figures from the tidy CKA table: heatmaps and per-layer curves, readable in greyscale.
+
+Every figure is drawn by a `draw_*` function that returns the matplotlib Figure (so that tests
+can read its ticks back) and saved by a thin wrapper of the same name without `draw_`.
+
+Layer axes: rows, columns and points sit at the position of their layer among the layers the
+figure draws (0..k-1, in forward order), never at the layer's index in the full registry, so a
+subset (the odd or even layers) is labelled as correctly as the full network. Tick rule
+(`LayerAxis.ticks`): every drawn layer when at most `EVERY_LAYER_MAX` are drawn; otherwise the
+last drawn layer of each residual block (its `.out` when drawn) and every layer outside a block
+(stem, pool, heads, labels); then ticks closer than `TICK_GAP_IN` inches are thinned, keeping
+the first and last layer and block ends first. Thin lines mark the boundaries between stages.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -10,20 +24,94 @@ matplotlib.use("Agg")  # no screen on clusters or CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 
 from ckaflow.provenance import atomic_path  # noqa: E402
 from ckaflow.tables import read_table  # noqa: E402
 
+EVERY_LAYER_MAX = 20  # up to this many drawn layers, every one gets a tick
+TICK_GAP_IN = 0.13  # the least distance between two tick labels (7 pt text), in inches
+TICK_FONT = 7
+BLOCK = re.compile(r"^(layer\d+\.\d+)\.")  # `layer<s>.<b>.<kind>` belongs to block `layer<s>.<b>`
+METHOD_NAMES = {"simclr": "SimCLR", "supervised": "supervised"}
+MARKERS = "osD^v<>p*h"
+INTERVAL = "interval"  # gid of the error bars of a curve
+STAGE_LINE = "stage-boundary"  # gid of the lines between stages
 
-def _stage_ticks(frame: pd.DataFrame, side: str) -> tuple[list[int], list[str]]:
-    """Tick at the first layer of each stage (and at the heads), labelled with its name."""
-    layers = (
-        frame[[f"layer_index_{side}", f"layer_{side}", f"stage_{side}"]]
-        .drop_duplicates()
-        .sort_values(f"layer_index_{side}")
-    )
-    first = layers.groupby(f"stage_{side}", sort=False).head(1)
-    return first[f"layer_index_{side}"].tolist(), first[f"layer_{side}"].tolist()
+
+@dataclass(frozen=True)
+class LayerAxis:
+    """The layers one axis draws, in forward order: layer `names[i]` sits at position i."""
+
+    names: tuple[str, ...]
+    stages: tuple[int, ...]
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame, side: str = "") -> LayerAxis:
+        """The layers of one side (`a`, `b`, or "" for a probes table) of `frame`, ordered by
+        registry index (ties, e.g. `fc` and `head.0` of two methods, by name)."""
+        suffix = f"_{side}" if side else ""
+        layers = (
+            frame[[f"layer{suffix}", f"layer_index{suffix}", f"stage{suffix}"]]
+            .set_axis(["layer", "index", "stage"], axis=1)
+            .drop_duplicates("layer")
+            .sort_values(["index", "layer"])
+        )
+        return cls(tuple(layers["layer"]), tuple(int(s) for s in layers["stage"]))
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def positions(self, layers) -> np.ndarray:
+        where = {name: i for i, name in enumerate(self.names)}
+        return np.array([where[name] for name in layers], dtype=float)
+
+    def ticks(self, length_in: float) -> tuple[list[int], list[str]]:
+        """Tick positions and labels (the layer names) for an axis `length_in` inches long."""
+        k = len(self.names)
+        if not k:
+            return [], []
+        blocks = [m.group(1) if (m := BLOCK.match(name)) else None for name in self.names]
+        if k <= EVERY_LAYER_MAX:
+            candidates = list(range(k))
+        else:  # the last drawn layer of each block, and every layer outside a block
+            candidates = [
+                i
+                for i, block in enumerate(blocks)
+                if block is None or i == k - 1 or blocks[i + 1] != block
+            ]
+        # too close for their labels: thinned, keeping the axis ends, then block ends, first
+        block_ends = [i for i in candidates if i + 1 == k or blocks[i] != blocks[i + 1]]
+        gap = TICK_GAP_IN * k / max(length_in, 1e-6)  # in positions
+        kept: list[int] = []
+        for i in dict.fromkeys([0, k - 1, *block_ends, *candidates]):
+            if all(abs(i - j) >= gap for j in kept):
+                kept.append(i)
+        kept.sort()
+        return kept, [self.names[i] for i in kept]
+
+    def stage_boundaries(self) -> list[float]:
+        return [i - 0.5 for i in range(1, len(self.stages)) if self.stages[i] != self.stages[i - 1]]
+
+
+def _label_layers(ax, axis: LayerAxis, which: str, length_in: float, line_style: dict) -> None:
+    """Ticks at the drawn layers named by `axis`, and a thin line at each stage boundary."""
+    ticks, labels = axis.ticks(length_in)
+    if which == "x":
+        ax.set_xticks(ticks, labels, rotation=90, fontsize=TICK_FONT)
+        ax.set_xlim(-0.5, len(axis) - 0.5)
+        draw = ax.axvline
+    else:
+        ax.set_yticks(ticks, labels, fontsize=TICK_FONT)
+        ax.set_ylim(-0.5, len(axis) - 0.5)
+        draw = ax.axhline
+    for boundary in axis.stage_boundaries():
+        draw(boundary, gid=STAGE_LINE, **line_style)
+
+
+# lines between stages: on a heatmap a two-tone dash (visible on dark and light cells alike)
+HEATMAP_STAGE_LINE = {"color": "white", "gapcolor": "black", "linewidth": 0.5, "dashes": (3, 3)}
+CURVE_STAGE_LINE = {"color": "0.55", "linewidth": 0.6, "zorder": 0}
 
 
 FORMATS = ("png", "pdf")
@@ -41,112 +129,324 @@ def _save(fig, path: Path) -> list[Path]:
     return written
 
 
-def heatmap(frame: pd.DataFrame, title: str, path: Path) -> list[Path]:
-    grid = frame.pivot(index="layer_index_a", columns="layer_index_b", values="value")
+def _colours(n: int) -> list:
+    """n colours of the configured (lightness-monotone) colour map, dark to mid: distinct in
+    greyscale, none too light to see on white."""
+    cmap = plt.get_cmap(matplotlib.rcParams["image.cmap"])
+    return [cmap(x) for x in np.linspace(0.0, 0.68, n)] if n > 1 else [cmap(0.0)]
+
+
+def _method(name) -> str:
+    return METHOD_NAMES.get(name, str(name))
+
+
+# -- heatmaps ---------------------------------------------------------------------------------
+
+
+def draw_heatmap(frame: pd.DataFrame, title: str):
+    """CKA of every drawn layer of side a (rows) against every drawn layer of side b."""
+    rows, cols = LayerAxis.of(frame, "a"), LayerAxis.of(frame, "b")
+    grid = np.full((len(rows), len(cols)), np.nan)
+    grid[
+        rows.positions(frame["layer_a"]).astype(int), cols.positions(frame["layer_b"]).astype(int)
+    ] = frame["value"].to_numpy(dtype=float)
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    image = ax.imshow(grid.to_numpy(), origin="lower", vmin=0, vmax=1)
-    fig.colorbar(image, ax=ax, label=f"CKA ({frame['estimator'].iloc[0]})")
-    for axis, side in ((ax.set_yticks, "a"), (ax.set_xticks, "b")):
-        ticks, labels = _stage_ticks(frame, side)
-        axis(ticks, labels, fontsize=7)
-    ax.tick_params(axis="x", labelrotation=90)
-    ax.set_ylabel(f"{frame['run_a'].iloc[0]} ({frame['view_a'].iloc[0]})")
-    ax.set_xlabel(f"{frame['run_b'].iloc[0]} ({frame['view_b'].iloc[0]})")
-    ax.set_title(title)
-    return _save(fig, path)
+    image = ax.imshow(grid, origin="lower", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(image, ax=ax, label=f"CKA ({frame['estimator'].iloc[0]})", shrink=0.85)
+    side = 4.2  # inches the longer axis of the image spans
+    scale = side / max(len(rows), len(cols))
+    _label_layers(ax, rows, "y", len(rows) * scale, HEATMAP_STAGE_LINE)
+    _label_layers(ax, cols, "x", len(cols) * scale, HEATMAP_STAGE_LINE)
+    ax.set_ylabel(f"layer of {frame['run_a'].iloc[0]} ({frame['view_a'].iloc[0]})")
+    ax.set_xlabel(f"layer of {frame['run_b'].iloc[0]} ({frame['view_b'].iloc[0]})")
+    ax.set_title(title, fontsize=10)
+    return fig
 
 
-MARKERS = "osd^v<>"
+def heatmap(frame: pd.DataFrame, title: str, path: Path) -> list[Path]:
+    return _save(draw_heatmap(frame, title), path)
+
+
+# -- curves -----------------------------------------------------------------------------------
+
+
+def _curve(ax, x, group: pd.DataFrame, column: str, gid: str, **style) -> Line2D:
+    """One line of values against layer position (its `gid` names what it shows), with its
+    bootstrap 95% intervals as error bars where the table has them."""
+    order = np.argsort(x)
+    x, group = np.asarray(x)[order], group.iloc[order]
+    (line,) = ax.plot(x, group[column].to_numpy(dtype=float), gid=gid, markersize=3.5, **style)
+    if {"ci_low", "ci_high"} <= set(group.columns):
+        low = group["ci_low"].to_numpy(dtype=float)
+        high = group["ci_high"].to_numpy(dtype=float)
+        known = ~(np.isnan(low) | np.isnan(high))
+        if known.any():
+            ax.vlines(
+                x[known],
+                low[known],
+                high[known],
+                colors=[line.get_color()],
+                linewidth=0.9,
+                gid=INTERVAL,
+                label="_interval",
+            )
+    return line
+
+
+def _has_intervals(frame: pd.DataFrame) -> bool:
+    return bool(frame[["ci_low", "ci_high"]].notna().all(axis=1).any())
+
+
+def _finish_curves(
+    fig,
+    axes,
+    axis_of,
+    ylabel: str,
+    ylim=(-0.05, 1.05),
+    handles=None,
+    intervals: bool = False,
+    legend: str = "outside right center",
+) -> None:
+    """Layer ticks, stage lines and x label on each panel; one legend, outside the axes (with
+    an entry for the error bars when there are any)."""
+    for ax, axis in zip(axes, axis_of, strict=True):
+        width = fig.get_figwidth() * 0.8 / len(axes)
+        _label_layers(ax, axis, "x", width, CURVE_STAGE_LINE)
+        ax.set_ylim(*ylim)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_xlabel("layer (forward order; grey lines: stage boundaries)", fontsize=8)
+    fig.align_xlabels(axes)
+    axes[0].set_ylabel(ylabel)
+    if handles is None:
+        handles, labels = axes[0].get_legend_handles_labels()
+    else:
+        handles, labels = map(list, zip(*handles, strict=True))
+    if intervals:
+        bar = Line2D([], [], color="0.3", marker="|", markersize=9, linestyle="none")
+        handles, labels = [*handles, bar], [*labels, "bars: 95% bootstrap interval"]
+    ncols = 2 if legend.endswith("center") and "lower" in legend else 1
+    fig.legend(handles, labels, loc=legend, fontsize=7, frameon=False, ncols=ncols)
+
+
+def _title(fig, axes, title: str) -> None:
+    """The figure's title: over the single axes, or over all panels."""
+    if len(axes) > 1:
+        fig.suptitle(title)
+    else:
+        axes[0].set_title(title)
+
+
+def _run_styles(frame: pd.DataFrame, side: str = "a") -> dict[str, dict]:
+    """Colour and marker per run; line style per method (solid, dashed, ...)."""
+    runs = frame[[f"run_{side}", f"method_{side}"]].drop_duplicates(f"run_{side}")
+    runs = runs.sort_values([f"method_{side}", f"run_{side}"])
+    methods = list(dict.fromkeys(runs[f"method_{side}"]))
+    dash = ["-", "--", "-.", ":"]
+    return {
+        run: {
+            "color": colour,
+            "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": dash[methods.index(method) % len(dash)],
+        }
+        for i, (run, method, colour) in enumerate(
+            zip(runs[f"run_{side}"], runs[f"method_{side}"], _colours(len(runs)), strict=True)
+        )
+    }
+
+
+VIEW_PAIRS = {("aug1", "aug2"): 0, ("clean", "aug1"): 1}
+
+
+def draw_depth_curves(frame: pd.DataFrame, title: str, ylabel: str):
+    """One value per layer of side a against depth, a line per run (colour, marker; line style
+    per method), one panel per pair of views; error bars: bootstrap 95% intervals."""
+    pairs = sorted(
+        frame.groupby(["view_a", "view_b"]).groups, key=lambda p: (VIEW_PAIRS.get(p, 9), p)
+    )
+    axis = LayerAxis.of(frame, "a")
+    styles = _run_styles(frame)
+    fig, axes = plt.subplots(
+        1,
+        len(pairs),
+        figsize=(1.5 + 4.6 * len(pairs) if len(pairs) > 1 else 8.0, 4.2),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    axes = list(axes[0])
+    for ax, (view_a, view_b) in zip(axes, pairs, strict=True):
+        part = frame[(frame["view_a"] == view_a) & (frame["view_b"] == view_b)]
+        for run, group in sorted(part.groupby("run_a"), key=lambda g: list(styles).index(g[0])):
+            _curve(
+                ax, axis.positions(group["layer_a"]), group, "value", run, label=run, **styles[run]
+            )
+        what = (
+            f"{view_a} images vs one-hot labels" if view_b == "labels" else f"{view_a} vs {view_b}"
+        )
+        if len(pairs) > 1:
+            ax.set_title(what, fontsize=9)
+    _title(fig, axes, title if len(pairs) > 1 else f"{title}: {what}")
+    _finish_curves(fig, axes, [axis] * len(axes), ylabel, intervals=_has_intervals(frame))
+    return fig
 
 
 def depth_curves(frame: pd.DataFrame, title: str, ylabel: str, path: Path) -> list[Path]:
-    fig, ax = plt.subplots(figsize=(8, 4))
-    groups = frame.groupby(["run_a", "view_a", "view_b", "comparison"])
-    for i, ((run, view_a, view_b, _), group) in enumerate(groups):
-        group = group.sort_values("layer_index_a")
-        label = run if view_b == "labels" else f"{run} ({view_a} vs {view_b})"
-        style = "-" if view_a != "clean" or view_b == "labels" else "--"
-        ax.plot(
-            group["layer_index_a"],
-            group["value"],
-            style,
-            marker=MARKERS[i % len(MARKERS)],
-            markersize=3,
-            label=label,
-        )
-    ticks, labels = _stage_ticks(frame, "a")
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _save(draw_depth_curves(frame, title, ylabel), path)
+
+
+DIAGONAL_PANELS = (
+    ("out", "even layers: block output after the addition (.out)"),
+    ("residual", "odd layers: residual branch before the addition (.residual)"),
+)
+BAND_HATCH = ("////", "\\\\\\\\", "xx", "..")
+
+
+def draw_cross_diagonal(cross: pd.DataFrame):
+    """CKA of each layer with the same layer of the other run, against depth; post-residual
+    (even) and residual-branch (odd) layers in two panels. Cross-method pairs are lines (thin
+    dotted where both runs started from the same initial weights); the pairs of seeds of each
+    method are a band spanning their values and bootstrap intervals."""
+    diagonal = cross[cross["layer_a"] == cross["layer_b"]]
+    kinds = [(k, t) for k, t in DIAGONAL_PANELS if (diagonal["layer_kind_a"] == k).any()]
+    kinds = kinds or [(None, "all layers")]
+    between = diagonal[diagonal["method_a"] != diagonal["method_b"]]
+    same_init = (
+        between.groupby("comparison")["init_a"]
+        .first()
+        .eq(between.groupby("comparison")["init_b"].first())
+    )
+    pairs = sorted(between["comparison"].unique(), key=lambda c: (bool(same_init[c]), c))
+    seeds = diagonal[diagonal["method_a"] == diagonal["method_b"]]
+    methods = sorted(seeds["method_a"].unique())
+    pair_colours = _colours(len(pairs))
+    method_colours = dict(zip(methods, _colours(len(methods) + 1)[1:], strict=True))
+    fig, axes = plt.subplots(
+        1,
+        len(kinds),
+        figsize=(2.5 + 4.6 * len(kinds), 5.2),
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
+    axes = list(axes[0])
+    handles: dict[str, object] = {}
+    axis_of = []
+    for ax, (kind, panel_title) in zip(axes, kinds, strict=True):
+        part = diagonal if kind is None else diagonal[diagonal["layer_kind_a"] == kind]
+        axis = LayerAxis.of(part, "a")
+        axis_of.append(axis)
+        for i, method in enumerate(methods):
+            band = part[(part["method_a"] == method) & (part["method_b"] == method)]
+            if not len(band):
+                continue
+            x = axis.positions(band["layer_a"])
+            low = np.fmin(band["value"], band["ci_low"].fillna(band["value"]))
+            high = np.fmax(band["value"], band["ci_high"].fillna(band["value"]))
+            spread = pd.DataFrame({"x": x, "low": low, "high": high, "value": band["value"]})
+            spread = spread.groupby("x").agg(
+                low=("low", "min"), high=("high", "max"), value=("value", "mean")
+            )
+            colour = method_colours[method]
+            what = "range and 95% intervals" if _has_intervals(band) else "range"
+            label = f"{_method(method)} seed vs seed ({what})"
+            poly = ax.fill_between(
+                spread.index,
+                spread["low"],
+                spread["high"],
+                facecolor=(*colour[:3], 0.18),
+                edgecolor=(*colour[:3], 0.6),
+                hatch=BAND_HATCH[i % len(BAND_HATCH)],
+                linewidth=0.0,
+                label=label,
+                zorder=1,
+            )
+            (mid,) = ax.plot(
+                spread.index,
+                spread["value"],
+                color=colour,
+                linewidth=0.9,
+                linestyle="-.",
+                zorder=2,
+                gid=f"seeds-{method}",
+            )
+            handles.setdefault(label, (poly, mid))
+        for comparison, colour, marker in zip(pairs, pair_colours, MARKERS, strict=False):
+            group = part[part["comparison"] == comparison]
+            if not len(group):
+                continue
+            shared = bool(same_init[comparison])
+            label = f"{group['run_a'].iloc[0]} vs {group['run_b'].iloc[0]}"
+            style = (
+                {"linestyle": ":", "linewidth": 1.0, "markerfacecolor": "white"}
+                if shared
+                else {"linestyle": "-", "linewidth": 1.5}
+            )
+            label += " (same initial weights)" if shared else ""
+            line = _curve(
+                ax,
+                axis.positions(group["layer_a"]),
+                group,
+                "value",
+                comparison,
+                color=colour,
+                marker=marker,
+                label=label,
+                zorder=3,
+                **style,
+            )
+            handles.setdefault(label, line)
+        ax.set_title(panel_title, fontsize=9)
+    _title(fig, axes, "Cross-model CKA along the diagonal")
+    _finish_curves(
+        fig,
+        axes,
+        axis_of,
+        "CKA(layer, same layer of the other run)",
+        handles=[(h, label) for label, h in handles.items()],
+        intervals=_has_intervals(between),
+        legend="outside lower center",
+    )
+    return fig
 
 
 def cross_diagonal(cross: pd.DataFrame, path: Path) -> list[Path]:
-    """CKA of each layer with the same layer of the other run, against depth: post-residual
-    (even) and residual-branch (odd) layers apart; pairs of seeds of one method as a band."""
-    diagonal = cross[cross["layer_a"] == cross["layer_b"]]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for kind, style, label in (
-        ("out", "-", "even (post-residual)"),
-        ("residual", "--", "odd (residual branch)"),
-    ):
-        part = diagonal[diagonal["layer_kind_a"] == kind]
-        methods = part[part["method_a"] != part["method_b"]]
-        for _, group in methods.groupby("comparison"):
-            group = group.sort_values("layer_index_a")
-            runs = f"{group['run_a'].iloc[0]} vs {group['run_b'].iloc[0]}"
-            ax.plot(
-                group["layer_index_a"],
-                group["value"],
-                style,
-                marker="o",
-                markersize=3,
-                label=f"{label}: {runs}",
-            )
-        seeds = part[part["method_a"] == part["method_b"]]
-        if len(seeds):
-            band = seeds.groupby("layer_index_a")["value"].agg(["min", "max"])
-            ax.fill_between(
-                band.index,
-                band["min"],
-                band["max"],
-                alpha=0.25,
-                label=f"{label}: seed vs seed (same method)",
-            )
-    ticks, labels = _stage_ticks(diagonal, "a")
-    ax.set_xticks(ticks, labels, rotation=90, fontsize=7)
-    ax.set_ylim(-0.05, 1.05)
-    ax.set_ylabel("CKA(layer, same layer of the other run)")
-    ax.set_title("Cross-model CKA along the diagonal")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(draw_cross_diagonal(cross), path)
+
+
+def draw_probe_curves(probes: pd.DataFrame):
+    """Linear-probe accuracy against depth: each run trained (solid) and untrained (dotted)."""
+    axis = LayerAxis.of(probes)
+    runs = sorted(probes["run"].unique())
+    colours = dict(zip(runs, _colours(len(runs)), strict=True))
+    fig, ax = plt.subplots(figsize=(9.5, 4.2), layout="constrained")
+    for i, run in enumerate(runs):
+        for encoder, style in (
+            ("trained", {"linestyle": "-", "linewidth": 1.5}),
+            ("untrained", {"linestyle": ":", "linewidth": 1.0, "markerfacecolor": "white"}),
+        ):
+            group = probes[(probes["run"] == run) & (probes["encoder"] == encoder)]
+            if len(group):
+                _curve(
+                    ax,
+                    axis.positions(group["layer"]),
+                    group,
+                    "eval_accuracy",
+                    f"{run}.{encoder}",
+                    color=colours[run],
+                    marker=MARKERS[i % len(MARKERS)],
+                    label=f"{run} ({encoder})",
+                    **style,
+                )
+    ax.set_title("Linear separability per layer (dotted: the same network untrained)", fontsize=11)
+    _finish_curves(fig, [ax], [axis], "linear probe accuracy (eval subset)", ylim=(0, 1.02))
+    return fig
 
 
 def probe_curves(probes: pd.DataFrame, path: Path) -> list[Path]:
-    """Linear-probe accuracy against depth: each run trained (solid) and untrained (dashed)."""
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for i, ((run, encoder), group) in enumerate(probes.groupby(["run", "encoder"])):
-        group = group.sort_values("layer_index")
-        ax.plot(
-            group["layer_index"],
-            group["eval_accuracy"],
-            "-" if encoder == "trained" else ":",
-            marker=MARKERS[i % len(MARKERS)],
-            markersize=3,
-            label=f"{run} ({encoder})",
-        )
-    first = probes.sort_values("layer_index").groupby("stage").head(1).drop_duplicates("layer")
-    ax.set_xticks(first["layer_index"], first["layer"], rotation=90, fontsize=7)
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("linear probe accuracy (eval subset)")
-    ax.set_title("Linear separability per layer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return _save(draw_probe_curves(probes), path)
+
+
+# -- all figures ------------------------------------------------------------------------------
 
 
 def plot_all(
@@ -177,8 +477,8 @@ def _plot_all(table, out_dir, probes) -> list[Path]:
         title = f"Cross-model CKA: {run_a} vs {run_b}"
         written += heatmap(group, title, out_dir / f"cross-{run_a}-vs-{run_b}.png")
         for part, kind, what in (
-            ("odd", "residual", "residual-branch"),
-            ("even", "out", "post-residual"),
+            ("odd", "residual", "Residual-branch"),
+            ("even", "out", "Post-residual"),
         ):
             sub = group[(group["layer_kind_a"] == kind) & (group["layer_kind_b"] == kind)]
             title = f"{what} ({part}) layers: {run_a} vs {run_b}"
