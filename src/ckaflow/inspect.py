@@ -147,7 +147,8 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
         expected += [study.activations(run, view) for run, view in study.run_views()]
         expected += [study.gram(side) for side in study.sides()]
         expected += [study.tile_path(tile) for tile in study.all_tiles()]
-        expected += ["results/tables/cka.parquet", *study.run_tables(), *study.figures()]
+        expected += ["results/tables/cka.parquet", "results/tables/claims.parquet"]
+        expected += [*study.run_tables(), *study.figures()]
         expected.append("results/summary.md")
         missing = [p for p in expected if not (root / p).exists()]
         lines.append(
