@@ -7,6 +7,8 @@ rule gram:
     params:
         estimator=STUDY.cka.estimator,
         batch_size=STUDY.cka.batch_size,
+        passes=STUDY.cka.passes,
+        seed=config["data"]["seed"],
         device=config["device"],
     log:
         "results/logs/gram/{run}.{view}.log",
@@ -14,7 +16,8 @@ rule gram:
         CONDA_ENV
     shell:
         "ckaflow gram --source {input} --out {output} --estimator {params.estimator}"
-        " --batch-size {params.batch_size} --device {params.device} > {log} 2>&1"
+        " --batch-size {params.batch_size} --passes {params.passes} --seed {params.seed}"
+        " --device {params.device} > {log} 2>&1"
 
 
 rule gram_labels:
@@ -26,6 +29,8 @@ rule gram_labels:
     params:
         estimator=STUDY.cka.estimator,
         batch_size=STUDY.cka.batch_size,
+        passes=STUDY.cka.passes,
+        seed=config["data"]["seed"],
         examples=config["activations"]["examples"] or 0,
     log:
         "results/logs/gram/labels.log",
@@ -33,7 +38,8 @@ rule gram_labels:
         CONDA_ENV
     shell:
         "ckaflow gram --labels --source {input} --out {output} --estimator {params.estimator}"
-        " --batch-size {params.batch_size} --examples {params.examples} > {log} 2>&1"
+        " --batch-size {params.batch_size} --passes {params.passes} --seed {params.seed}"
+        " --examples {params.examples} > {log} 2>&1"
 
 
 rule cka_tile:

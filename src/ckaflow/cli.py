@@ -129,7 +129,13 @@ def cmd_gram(args) -> None:
 
     if args.labels:
         label_gram_store(
-            args.source, args.out, args.estimator, args.batch_size, examples=args.examples or None
+            args.source,
+            args.out,
+            args.estimator,
+            args.batch_size,
+            examples=args.examples or None,
+            passes=args.passes,
+            seed=args.seed,
         )
     else:
         kwargs = {
@@ -138,6 +144,8 @@ def cmd_gram(args) -> None:
             "estimator": args.estimator,
             "batch_size": args.batch_size,
             "device": args.device,
+            "passes": args.passes,
+            "seed": args.seed,
         }
         _launch(args, "gram", gram_store, kwargs, key=args.out)
 
@@ -268,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="minibatch: partitions of the examples (pass 0 in stored order, then permuted)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the permutations of passes 1.. (data.seed)"
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     backend_options(p)
 

@@ -2,7 +2,8 @@
 
 Plain estimators (`linear_cka`, `minibatch_cka`) are small functions in the papers' notation;
 `cka_matrix` and the pipeline compute each representation's Gram statistics once
-(`gram_stats`) and every pair from them. Formulas: shared/docs/cka-formulas.md.
+(`gram_stats`, optionally over several partitions of the examples: `passes`, `partition`) and
+every pair from them. Formulas: shared/docs/cka-formulas.md.
 """
 
 from ckaflow.cka.estimators import (
@@ -16,7 +17,15 @@ from ckaflow.cka.estimators import (
     u_center,
 )
 from ckaflow.cka.matrix import cka_matrix
-from ckaflow.cka.stats import ESTIMATORS, GramStats, cka_between, cka_interval, gram_stats
+from ckaflow.cka.stats import (
+    ESTIMATORS,
+    GramStats,
+    cka_between,
+    cka_interval,
+    gram_stats,
+    partition,
+    pass_permutation,
+)
 
 __all__ = [
     "ESTIMATORS",
@@ -32,5 +41,7 @@ __all__ = [
     "linear_cka",
     "minibatch_cka",
     "one_hot",
+    "partition",
+    "pass_permutation",
     "u_center",
 ]

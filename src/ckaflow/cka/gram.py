@@ -2,11 +2,16 @@
 
 Every CKA pair is later computed from these, never from the activations again. A store at
 `results/gram/<run>/<view>.zarr` holds, per layer, the (blocks, b, b) float64 Grams of
-`ckaflow.cka.stats.GramStats`, with `block_rows` and the estimator in its attributes.
+`ckaflow.cka.stats.GramStats`, with `block_rows` and the estimator in its attributes, and
+`passes`, `partition_seed` and `partition_digest`: with passes > 1 the blocks are pass-major
+(block i belongs to pass i // (len(block_rows) / passes)) and
+`ckaflow.cka.stats.partition(len(example_ids), block_rows[0], passes, partition_seed)` gives the
+rows of each block (its hash is `partition_digest`; a tile refuses two sides whose digests differ).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -15,27 +20,53 @@ import zarr
 from ckaflow.activations import open_store
 from ckaflow.cka.estimators import one_hot
 from ckaflow.cka.stats import GramStats, gram_stats
-from ckaflow.errors import StoreError
+from ckaflow.errors import ConfigError, StoreError
 from ckaflow.layers import label_layer
 from ckaflow.provenance import atomic_path, provenance
 
 GRAM_KIND = "ckaflow.gram"
 
 
-def _stats(values, estimator: str, batch_size: int, device: str, where: str) -> GramStats:
+def _stats(
+    values, estimator: str, batch_size: int, device: str, where: str, passes: int, seed: int
+) -> GramStats:
     try:
         return gram_stats(
-            values, estimator=estimator, batch_size=batch_size, device=device, name=where
+            values,
+            estimator=estimator,
+            batch_size=batch_size,
+            passes=passes,
+            seed=seed,
+            device=device,
+            name=where,
         )
     except ValueError as err:  # non-finite values, too few examples: name the store and layer
         raise StoreError(str(err)) from err
 
 
-def write_gram_store(out: Path, stats: dict[str, GramStats], attrs: dict) -> Path:
-    first = next(iter(stats.values()))
+def _check_passes(estimator: str, passes: int) -> None:
+    """Refused before any data is read (gram_stats would refuse it too, for each layer)."""
+    if passes < 1:
+        raise ConfigError(f"cka.passes must be >= 1, got {passes}")
+    if passes > 1 and estimator != "minibatch":
+        raise ConfigError(
+            f"cka.passes = {passes} needs the minibatch estimator, not {estimator}: the "
+            "full-data estimators already use every pair of examples (set cka.passes to 1)"
+        )
+
+
+def write_gram_store(
+    out: Path, stats: Mapping[str, GramStats] | Iterable[tuple[str, GramStats]], attrs: dict
+) -> Path:
+    """Write the statistics of every layer; `stats` may be a generator of (name, stats) pairs,
+    each layer then written (and released) as soon as it is computed."""
+    pairs = stats.items() if isinstance(stats, Mapping) else stats
+    first = None
     with atomic_path(out) as scratch:
         group = zarr.open_group(scratch, mode="w", zarr_format=3)
-        for name, s in stats.items():
+        for name, s in pairs:
+            if first is None:
+                first = s
             arr = group.create_array(
                 name,
                 shape=s.grams.shape,
@@ -44,11 +75,16 @@ def write_gram_store(out: Path, stats: dict[str, GramStats], attrs: dict) -> Pat
                 config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
             )
             arr[...] = s.grams
+        if first is None:
+            raise StoreError(f"{out}: no layers to write")
         group.attrs.update(
             provenance(
                 kind=GRAM_KIND,
                 estimator=first.estimator,
                 block_rows=list(first.block_rows),
+                passes=first.passes,
+                partition_seed=first.partition_seed,
+                partition_digest=first.digest,
                 **attrs,
             )
         )
@@ -62,19 +98,28 @@ def gram_store(
     estimator: str,
     batch_size: int,
     device: str = "auto",
+    passes: int = 1,
+    seed: int = 0,
 ) -> Path:
-    """Gram statistics of every layer of one activation store, read chunk by chunk."""
+    """Gram statistics of every layer of one activation store, read chunk by chunk; with
+    passes > 1, over `passes` partitions of the examples (pass p >= 1 permuted by `seed`)."""
+    _check_passes(estimator, passes)
     store = open_store(activations)
-    stats = {
-        layer["name"]: _stats(
-            store[layer["name"]],
-            estimator,
-            batch_size,
-            device,
-            f"{store.path} layer {layer['name']}",
+    stats = (
+        (
+            layer["name"],
+            _stats(
+                store[layer["name"]],
+                estimator,
+                batch_size,
+                device,
+                f"{store.path} layer {layer['name']}",
+                passes,
+                seed,
+            ),
         )
         for layer in store.layers
-    }
+    )
     keep = ("run", "run_spec", "view", "layers", "example_ids", "model_spec_hash")
     attrs = {k: store.attrs[k] for k in keep}
     return write_gram_store(Path(out), stats, {**attrs, "source": str(store.path)})
@@ -86,14 +131,19 @@ def label_gram_store(
     estimator: str,
     batch_size: int,
     examples: int | None = None,
+    passes: int = 1,
+    seed: int = 0,
 ) -> Path:
     """Gram statistics of the one-hot eval labels (class structure as a representation),
-    of the first `examples` eval examples (default all), like the activation stores."""
+    of the first `examples` eval examples (default all), like the activation stores — with the
+    same passes and seed, hence the same partitions."""
     from ckaflow.data import open_prepared
 
+    _check_passes(estimator, passes)
     data = open_prepared(data_path)
     labels = one_hot(data.eval_labels()[:examples], data.attrs["num_classes"])
-    stats = {"labels": _stats(labels, estimator, batch_size, "cpu", f"{data_path} labels")}
+    where = f"{data_path} labels"
+    stats = {"labels": _stats(labels, estimator, batch_size, "cpu", where, passes, seed)}
     attrs = {
         "run": "labels",
         "run_spec": None,
@@ -110,14 +160,25 @@ def open_gram(path: str | Path):
 
 
 def load_stats(store, names: list[str]) -> list[GramStats]:
-    """GramStats of the named layers of an opened Gram store."""
+    """GramStats of the named layers of an opened Gram store (one that predates passes had
+    one pass)."""
     attrs = store.attrs
+    passes = int(attrs.get("passes", 1))
+    block_rows = tuple(attrs["block_rows"])
+    if len(block_rows) % passes:
+        raise StoreError(
+            f"{store.path}: {len(block_rows)} blocks cannot be {passes} equal passes; "
+            "the store is damaged: delete it and rerun the gram stage"
+        )
     return [
         GramStats(
             attrs["estimator"],
             np.asarray(store[name][...]),
-            tuple(attrs["block_rows"]),
+            block_rows,
             f"{store.path} layer {name}",
+            passes=passes,
+            partition_seed=attrs.get("partition_seed"),
+            digest=attrs.get("partition_digest"),
         )
         for name in names
     ]

@@ -9,10 +9,18 @@ Each block's Gram is then transformed once — U-centred for the unbiased HSIC (
 `debiased`), double-centred for the biased one (`linear`, `rbf`) — and flattened with the HSIC
 normalisation folded in, so that HSIC(K, L) is one dot product and a whole matrix of pairs one
 matrix product.
+
+Passes (minibatch only; Nguyen, Raghu & Kornblith 2021 use 10): pass 0 cuts the examples into
+consecutive blocks in their stored order, pass p >= 1 cuts the seeded permutation
+`pass_permutation(seed, p, n)` the same way, and HSIC₁ is summed over every block of every pass.
+The blocks are stored pass-major; a permutation depends on (seed, pass, n) only, so every layer,
+run, view and the labels share the same partitions and CKA can pair blocks by position.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,10 +28,15 @@ from functools import cached_property
 import numpy as np
 
 from ckaflow.cka.estimators import MIN_BATCH_ROWS, center_gram, row_blocks, u_center
+from ckaflow.errors import TileError
 
 ESTIMATORS = ("minibatch", "linear", "debiased", "rbf")
 UNBIASED = ("minibatch", "debiased")
 RBF_SIGMA_FRACTION = 0.8  # of the median pairwise distance, as in Kornblith et al.'s code
+# With passes > 1, a layer is held in memory as column panels of at most this many bytes
+# (float32, or float64 for float64 input): a layer that fits is read once, a wider one once per
+# panel. See `_partitioned_grams`.
+PANEL_BYTES = 4 * 2**30
 
 
 @dataclass(frozen=True)
@@ -31,17 +44,35 @@ class GramStats:
     """Per-block Gram matrices of one representation.
 
     grams: (blocks, b, b) float64, a shorter last block zero-padded; block_rows: its true sizes.
+    With passes > 1 the blocks are pass-major: block i belongs to pass i // blocks_per_pass, and
+    `partition(rows of x, block_rows[0], passes, partition_seed)` gives the rows of every block.
+    partition_seed and digest (a hash of those rows) are None for one pass, which needs no seed.
     """
 
     estimator: str
     grams: np.ndarray
     block_rows: tuple[int, ...]
     name: str = ""
+    passes: int = 1
+    partition_seed: int | None = None
+    digest: str | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
+    def blocks_per_pass(self) -> int:
+        return len(self.block_rows) // self.passes
+
+    @property
     def n(self) -> int:
-        return int(sum(self.block_rows))
+        """Examples used per pass (all of them but a final block of fewer than 4 rows)."""
+        return int(sum(self.block_rows[: self.blocks_per_pass]))
+
+    @property
+    def partition_key(self) -> tuple:
+        """Equal for two statistics exactly when their blocks hold the same rows."""
+        if self.passes == 1:
+            return (1,)
+        return (self.passes, self.partition_seed, self.digest)
 
     @cached_property
     def hsic_vector(self) -> np.ndarray:
@@ -63,6 +94,43 @@ def block_sizes(estimator: str, n: int, batch_size: int) -> list[slice]:
             f"(it needs at least one block of >= {MIN_BATCH_ROWS} rows)"
         )
     return blocks
+
+
+def pass_permutation(seed: int, pass_index: int, n: int) -> np.ndarray:
+    """The order of the n examples in pass `pass_index`: the stored order for pass 0, else a
+    permutation that depends on (seed, pass_index, n) only."""
+    if pass_index == 0:
+        return np.arange(n)
+    return np.random.default_rng([int(seed), int(pass_index)]).permutation(n)
+
+
+def partition(n: int, batch_size: int, passes: int = 1, seed: int = 0) -> list[np.ndarray]:
+    """Row indices of every block of every pass, pass-major: each pass's order (see
+    `pass_permutation`) cut like `row_blocks` — `batch_size` rows, a shorter last block, one of
+    fewer than 4 rows dropped — so every pass has the same block sizes."""
+    _check_passes(passes, seed)
+    blocks = row_blocks(n, batch_size)
+    out = []
+    for p in range(passes):
+        order = pass_permutation(seed, p, n)
+        out += [order[rows] for rows in blocks]
+    return out
+
+
+def partition_digest(blocks: list[np.ndarray]) -> str:
+    """A short hash of the rows of every block, in order."""
+    h = hashlib.sha256()
+    for rows in blocks:
+        h.update(np.asarray(rows, dtype="<i8").tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def _check_passes(passes: int, seed) -> None:
+    if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+    if passes > 1 and (not isinstance(seed, (int, np.integer)) or seed < 0):
+        raise ValueError(f"the permutation seed must be an integer >= 0, got {seed!r}")
 
 
 def hsic_vector(grams: np.ndarray, block_rows, estimator: str) -> np.ndarray:
@@ -149,20 +217,47 @@ def gram_stats(
     *,
     estimator: str = "minibatch",
     batch_size: int = 256,
+    passes: int = 1,
+    seed: int = 0,
     device: str = "auto",
     name: str = "",
+    panel_bytes: int = PANEL_BYTES,
 ) -> GramStats:
     """Gram statistics of one representation x (n, ...), read block by block.
 
     For the full-data estimators (`linear`, `debiased`, `rbf`) the n × n Gram is assembled from
     pairs of `batch_size`-row chunks after one pass for the column mean, so peak memory is two
     chunks plus the Gram, whatever the feature count.
+
+    minibatch with `passes` > 1: pass 0 is today's consecutive blocks, passes 1.. are blocks of
+    the seeded permutations (see `partition`); see `_partitioned_grams` for how the rows of a
+    permuted block are read without reading a chunk per row.
     """
     if batch_size < MIN_BATCH_ROWS:
         raise ValueError(f"batch_size must be >= {MIN_BATCH_ROWS}, got {batch_size}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    _check_passes(passes, seed)
+    if passes > 1 and estimator != "minibatch":
+        raise ValueError(
+            f"passes = {passes} needs the minibatch estimator, not {estimator}: the full-data "
+            "estimators already use every pair of examples (set cka.passes to 1)"
+        )
     n, read = _rows_reader(x)
     blocks = block_sizes(estimator, n, batch_size)
     work = _Workspace(_torch_device(device))
+    if passes > 1:
+        rows = partition(n, batch_size, passes, seed)
+        grams = _partitioned_grams(read, n, rows, batch_size, work, panel_bytes, name)
+        return GramStats(
+            estimator,
+            grams,
+            tuple(len(r) for r in rows),
+            name,
+            passes=passes,
+            partition_seed=int(seed),
+            digest=partition_digest(rows),
+        )
     size = blocks[0].stop - blocks[0].start
     grams = np.zeros((len(blocks), size, size))
     for i, rows in enumerate(blocks):
@@ -177,6 +272,68 @@ def gram_stats(
         m = rows.stop - rows.start
         grams[i, :m, :m] = k
     return GramStats(estimator, grams, tuple(b.stop - b.start for b in blocks), name)
+
+
+def _partitioned_grams(
+    read, n: int, blocks: list[np.ndarray], chunk: int, work: _Workspace, panel_bytes: int, name
+) -> np.ndarray:
+    """The Gram of every block of rows (index arrays, in any order) of one representation.
+
+    Reading a permuted block from a chunked Zarr array would touch nearly every chunk, so the
+    layer is read chunk by chunk (in order, `chunk` rows at a time) into an in-memory *column
+    panel*: all n rows, as many feature columns as fit `panel_bytes`. Each block's rows are
+    gathered from the panel and its b × b Gram formed by one GEMM; a block's Gram is the sum of
+    its panels' Grams (K = Σ_F X_F X_Fᵀ), accumulated in float64. A layer that fits the budget
+    is read once; a wider one once per panel (⌈n·d·4 / panel_bytes⌉ reads). Memory: one panel
+    plus one chunk plus the output; FLOPs: exactly 2·m²·d per block, as for pass 0 alone.
+
+    Each panel is centred on its column mean over all n rows rather than each block on its own
+    mean: the U-centred Gram (hence HSIC₁) is unchanged by shifting the features by any constant
+    vector, as K + a1ᵀ + 1aᵀ + c11ᵀ U-centres to the same matrix (tests/test_cka_passes.py).
+    """
+    import torch
+
+    first = np.asarray(read(slice(0, min(chunk, n))))
+    features = math.prod(first.shape[1:])
+    dtype = torch.float64 if first.dtype == np.float64 else torch.float32
+    itemsize = 8 if dtype == torch.float64 else 4
+    width = int(min(features, max(1, panel_bytes // (n * itemsize))))
+    size = len(blocks[0])
+    grams = np.zeros((len(blocks), size, size))
+    index = [torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(work.device) for rows in blocks]
+    gathered: dict = {}
+    for lo in range(0, features, width):
+        cols = slice(lo, min(lo + width, features))
+        panel = np.empty((n, cols.stop - cols.start), dtype=np.float64 if itemsize == 8 else "f4")
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            values = first if start == 0 else np.asarray(read(rows))
+            panel[rows] = values.reshape(len(values), -1)[:, cols]
+        t = torch.from_numpy(panel).to(work.device)
+        t -= t.mean(0)
+        gathered.clear()
+        for i, idx in enumerate(index):
+            key = (len(idx), t.shape[1])
+            if key not in gathered:
+                gathered[key] = torch.empty(key, dtype=dtype, device=work.device)
+            part = torch.index_select(t, 0, idx, out=gathered[key])
+            m = len(idx)
+            grams[i, :m, :m] += _gram_block(part, part)
+        del t, panel
+    if not np.isfinite(grams).all():
+        _raise_non_finite(read, n, chunk, name)
+    return grams
+
+
+def _raise_non_finite(read, n: int, chunk: int, name: str) -> None:
+    bad, rows = 0, []
+    for start in range(0, n, chunk):
+        values = np.asarray(read(slice(start, min(start + chunk, n))))
+        flags = ~np.isfinite(values.reshape(len(values), -1))
+        bad += int(flags.sum())
+        rows += (start + np.flatnonzero(flags.any(axis=1))).tolist()
+    where = f" in rows {rows[0]}..{rows[-1]}" if rows else ""
+    raise ValueError(f"{name or 'representation'}: {bad} non-finite values (NaN or Inf){where}")
 
 
 def _streamed_gram(read, rows: slice, chunk: int, work: _Workspace) -> np.ndarray:
@@ -218,10 +375,18 @@ def rbf_from_linear(k: np.ndarray, fraction: float = RBF_SIGMA_FRACTION) -> np.n
 
 
 def check_comparable(a: GramStats, b: GramStats) -> None:
+    """Refuse (TileError, a ValueError) two statistics whose blocks do not hold the same rows."""
     if a.estimator != b.estimator:
-        raise ValueError(f"{a.name} uses {a.estimator} statistics but {b.name} {b.estimator}")
+        raise TileError(f"{a.name} uses {a.estimator} statistics but {b.name} {b.estimator}")
+    if a.passes != b.passes or a.partition_key != b.partition_key:
+        raise TileError(
+            f"{a.name or 'a'} has {a.passes} passes (permutation seed {a.partition_seed}, "
+            f"partition {a.digest}) but {b.name or 'b'} has {b.passes} (seed "
+            f"{b.partition_seed}, partition {b.digest}): blocks are paired by position, so "
+            "both sides need the same passes and seed (cka.passes, data.seed); rerun the gram stage"
+        )
     if a.block_rows != b.block_rows:
-        raise ValueError(
+        raise TileError(
             f"{a.name or 'a'} has {a.n} examples in blocks {list(a.block_rows)}, "
             f"{b.name or 'b'} has {b.n} in {list(b.block_rows)}: compare the same examples"
         )
@@ -264,11 +429,12 @@ def cka_between(
 def _block_hsics(stats: list[GramStats], other: list[GramStats]):
     """Per-block HSIC matrices: (blocks, La, Lb) cross terms and (blocks, L) self terms."""
     offsets = np.cumsum([0, *(m * m for m in stats[0].block_rows)])
-    va = np.stack([s.hsic_vector for s in stats])
-    vb = np.stack([s.hsic_vector for s in other])
+    va = [s.hsic_vector for s in stats]  # stacked one block at a time: no copy of all blocks
+    vb = [s.hsic_vector for s in other]
     cross, self_a, self_b = [], [], []
     for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
-        a, b = va[:, lo:hi], vb[:, lo:hi]
+        a = np.stack([v[lo:hi] for v in va])
+        b = np.stack([v[lo:hi] for v in vb])
         cross.append(a @ b.T)
         self_a.append(np.einsum("ij,ij->i", a, a))
         self_b.append(np.einsum("ij,ij->i", b, b))
@@ -290,6 +456,15 @@ def cka_interval(
     are resampled with replacement (the biased HSIC is a V-statistic, so repeated examples are
     legitimate). debiased: refused — a resampled U-statistic would pair an example with its own
     copy, which inflates every value.
+
+    minibatch with passes > 1: the blocks of different passes share examples, so resampling all
+    passes × blocks as independent would give intervals too narrow by up to √passes. Only the
+    blocks of pass 0 are resampled (a block bootstrap of the one-pass estimate), and the interval
+    is shifted by (k-pass estimate − pass-0 estimate) to centre on the k-pass estimate. This is
+    conservative: the k-pass estimate is an average over partitions of the same data, so its
+    variance is at most that of a single pass (equal in the limit where the sampling of the
+    examples, not their partition, dominates). With one pass it is exactly the plain block
+    bootstrap.
     """
     if bootstrap < 1:
         raise ValueError(f"bootstrap needs >= 1 replicate, got {bootstrap}")
@@ -300,12 +475,20 @@ def cka_interval(
     draws = np.empty((bootstrap, len(stats_a), len(stats_b)))
     if estimator == "minibatch":
         cross, self_a, self_b = _block_hsics(stats_a, stats_b)
-        n_blocks = len(cross)
+        n_blocks = stats_a[0].blocks_per_pass  # pass 0's blocks
         for r in range(bootstrap):
             counts = np.bincount(rng.integers(0, n_blocks, n_blocks), minlength=n_blocks)
             draws[r] = _normalise(
-                np.tensordot(counts, cross, axes=1), counts @ self_a, counts @ self_b
+                np.tensordot(counts, cross[:n_blocks], axes=1),
+                counts @ self_a[:n_blocks],
+                counts @ self_b[:n_blocks],
             )
+        if stats_a[0].passes > 1:
+            every = _normalise(cross.sum(0), self_a.sum(0), self_b.sum(0))
+            first = _normalise(
+                cross[:n_blocks].sum(0), self_a[:n_blocks].sum(0), self_b[:n_blocks].sum(0)
+            )
+            draws += every - first
     elif estimator in ("linear", "rbf"):
         n = stats_a[0].n
         for r in range(bootstrap):

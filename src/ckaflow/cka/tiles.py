@@ -35,6 +35,12 @@ def _check_alignment(a, b) -> None:
             f"{a.path} and {b.path} hold different examples or a different row order; "
             "CKA needs the same examples in the same order on both sides"
         )
+    partition = (("passes", 1), ("partition_seed", None), ("partition_digest", None))
+    if any(a.attrs.get(k, d) != b.attrs.get(k, d) for k, d in partition):
+        raise TileError(
+            f"{a.path} and {b.path} use different passes or permutations of the examples; "
+            "rerun both gram stages with the same cka.passes and data.seed"
+        )
     if a.attrs["block_rows"] != b.attrs["block_rows"]:
         raise TileError(
             f"{a.path} has row blocks {a.attrs['block_rows']} but {b.path} has "
@@ -89,7 +95,7 @@ def compute_tile(
                     **_side_columns(b.attrs, lb, "b"),
                     "estimator": estimator,
                     "batch_size": max(block_rows),
-                    "n": int(sum(block_rows)),
+                    "n": int(sum(block_rows)) // a.attrs.get("passes", 1),
                     "value": float(values[i, j]),
                     "ci_low": float(low[i, j]),
                     "ci_high": float(high[i, j]),
