@@ -430,6 +430,77 @@ def test_tile_with_passes_equals_cka_between_in_memory(pass_grams, activations, 
     np.testing.assert_allclose(tile["value"].to_numpy(), expected[:, 0], atol=1e-10, rtol=0)
 
 
+@pytest.fixture(scope="module")
+def one_pass_grams(activations, tmp_path_factory):
+    root = tmp_path_factory.mktemp("one-pass-grams")
+    return {
+        key: gram_store(path, root / f"{key[0]}.{key[1]}.zarr", "minibatch", 64, "cpu")
+        for key, path in activations.items()
+        if key[1] == "clean"
+    }
+
+
+@pytest.mark.parametrize("passes", [1, 3])
+def test_streamed_tile_equals_the_in_memory_route(
+    passes, pass_grams, one_pass_grams, prepared, tmp_path
+):
+    """The tile streams over blocks (stream_block_hsics); its values and bootstrap intervals are
+    those of the whole statistics in memory (load_stats, cka_between, cka_interval), on real
+    Gram stores: a cross tile, a tile of one store against itself with shared layers, and the
+    labels."""
+    grams = pass_grams if passes == 3 else one_pass_grams
+    if passes == 1:
+        grams = {
+            **grams,
+            "labels": label_gram_store(prepared, tmp_path / "labels.zarr", "minibatch", 64),
+        }
+    simclr, supervised = ("simclr", "clean"), ("supervised", "clean")
+    cases = [
+        (simclr, supervised, range(0, 12), range(14, 27), 50, 3),
+        (simclr, simclr, range(0, 10), range(5, 15), 40, 0),  # the diagonal's shared layers
+        (supervised, "labels", range(20, 27), range(0, 1), 30, 1),
+    ]
+    for a, b, rows, cols, bootstrap, seed in cases:
+        tile = _tile(grams, a, b, rows, cols, tmp_path, bootstrap=bootstrap, seed=seed)
+        store_a, store_b = open_gram(grams[a]), open_gram(grams[b])
+        assert store_a.attrs["passes"] == passes
+        names_a = [store_a.layers[i]["name"] for i in rows]
+        names_b = [store_b.layers[j]["name"] for j in cols]
+        stats_a, stats_b = load_stats(store_a, names_a), load_stats(store_b, names_b)
+        expected = {"value": cka_between(stats_a, stats_b)}
+        low, high = cka_interval(stats_a, stats_b, bootstrap=bootstrap, seed=seed)
+        expected.update(ci_low=low, ci_high=high)
+        assert tile[["layer_a", "layer_b"]].values.tolist() == [
+            [x, y] for x in names_a for y in names_b
+        ]
+        for column, want in expected.items():
+            got = tile[column].to_numpy().reshape(len(names_a), len(names_b))
+            np.testing.assert_allclose(got, want, atol=1e-12, rtol=0)
+        assert np.isfinite(tile[["value", "ci_low", "ci_high"]]).all(axis=None)
+        assert (tile["ci_low"] <= tile["value"] + 1e-12).all()
+
+
+def test_block_hsics_give_cka_between_and_are_the_one_bootstrap(pair):
+    """BlockHSICs: the per-block terms carry the value and the interval of the in-memory API."""
+    from ckaflow.cka.stats import block_hsics
+
+    x, y = pair
+    for passes in (1, 3):
+        stats = [gram_stats(v, batch_size=B, passes=passes, seed=2, device="cpu") for v in pair]
+        stats.append(gram_stats(x[:, ::3], batch_size=B, passes=passes, seed=2, device="cpu"))
+        terms = block_hsics(stats[:2], stats)
+        assert terms.cross.shape == (8 * passes, 2, 3) and terms.self_b.shape == (8 * passes, 3)
+        assert (terms.passes, terms.blocks_per_pass) == (passes, 8)
+        np.testing.assert_allclose(terms.cka(), cka_between(stats[:2], stats), atol=1e-12, rtol=0)
+        for seed in (0, 5):
+            got = terms.interval(bootstrap=30, seed=seed)
+            want = cka_interval(stats[:2], stats, bootstrap=30, seed=seed)
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)
+        with pytest.raises(ValueError, match="bootstrap needs >= 1 replicate"):
+            terms.interval(bootstrap=0)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

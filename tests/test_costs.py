@@ -62,7 +62,12 @@ def test_paper_config_plan():
     layers = costs.gram_store_bytes[("simclr-resnet50-s0", "clean")] / 209_715_200
     assert layers == len(Study(config.load(PAPER)).layers(Side("simclr-resnet50-s0", "clean")))
     assert _fields(gram, "simclr-resnet50-s0/clean") == [f"{layers * 0.2097152:.1f}", "GB"]
-    assert _fields(gram, "one") == ["CKA", "tile", "in", "memory", "40.3", "GB"]
+    # a tile streams over the blocks: one U-centred 256² block of each of 32 + 32 layers (and 4
+    # blocks of working space), 400 blocks of per-block HSIC terms, 200 bootstrap replicates
+    # (the tile loaded whole was 2 x 32 layers x 3 x 209.7 MB = 40.3 GB)
+    assert _fields(gram, "one") == ["CKA", "tile", "in", "memory", "40.8", "MB"]
+    pairs = 32 * 32
+    assert costs.tile_bytes == (64 + 4) * 256**2 * 8 + 400 * (pairs + 64) * 8 + 200 * pairs * 8
     training = _section(out, "training (GPU-hours")
     assert _fields(training, "total")[-1] == "GPU-h"
     # ResNet-50 with the CIFAR stem: 2.6 GFLOP per 32 px image, 4,747,392 values per image
@@ -83,9 +88,20 @@ def test_gram_costs_scale_with_passes():
     for key, size in one.gram_store_bytes.items():
         assert four.gram_store_bytes[key] == 4 * size
     assert ("labels", "labels") in one.gram_store_bytes  # the class comparison's labels store
-    assert four.tile_bytes == 4 * one.tile_bytes
+    # a streamed tile holds one block per layer whatever the passes; only its per-block HSIC
+    # terms (8 x 8 pairs and 8 + 8 self terms) grow with the blocks
+    assert four.tile_bytes - one.tile_bytes == (12 - 3) * (8 * 8 + 16) * 8
     # tiny layers fit one column panel: the Gram stage reads each store once either way
     assert one.gram_read_bytes == four.gram_read_bytes == sum(one.store_bytes.values())
+
+
+def test_tile_memory_of_the_full_data_estimators_is_their_loaded_layers():
+    """linear/debiased/rbf: one n × n Gram per layer, loaded whole as before streaming."""
+    from ckaflow.costs import tile_memory
+
+    linear = study_costs(tiny_config(cka={"estimator": "linear"}))
+    assert linear.tile_bytes == 3 * (8 + 8) * 160 * 160 * 8
+    assert tile_memory("rbf", 32, 32, 1, 10_000, 200) == 3 * 64 * 10_000**2 * 8  # 153.6 GB
 
 
 def test_wide_layers_are_read_once_per_panel():

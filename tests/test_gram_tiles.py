@@ -7,7 +7,7 @@ import zarr
 
 from ckaflow import cka
 from ckaflow.activations import open_store
-from ckaflow.cka.gram import gram_store, label_gram_store, open_gram
+from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
 from ckaflow.cka.tiles import compute_tile
 from ckaflow.data import open_prepared
 from ckaflow.errors import StoreError, TileError
@@ -125,3 +125,58 @@ def test_gram_store_of_another_estimator_is_refused(grams, tmp_path):
         attrs["estimator"] = "linear"
 
     _refused_against_edited_copy(grams, tmp_path, relabel, "hold minibatch/linear statistics")
+
+
+def _copy(grams, tmp_path):
+    import shutil
+
+    other = tmp_path / "damaged.zarr"
+    shutil.copytree(grams[("simclr", "aug1")], other)
+    return other
+
+
+def _tile_against(grams, other, tmp_path, **kwargs):
+    compute_tile(
+        "x",
+        "cross",
+        str(grams[("simclr", "clean")]),
+        str(other),
+        range(0, 3),
+        range(0, 3),
+        "minibatch",
+        str(tmp_path / "t.parquet"),
+        **kwargs,
+    )
+
+
+def test_damaged_gram_chunks_are_refused_by_the_streamed_tile(grams, tmp_path):
+    """The tile reads the stores block by block: a non-finite block or a layer of the wrong
+    shape is named, not turned into NaN or a wrong number."""
+    other = _copy(grams, tmp_path)
+    layer = open_gram(other).layers[1]["name"]
+    zarr.open_array(other / layer, mode="r+")[2, 5, 7] = np.inf
+    with pytest.raises(StoreError, match=f"layer {layer} has non-finite values in block 2"):
+        _tile_against(grams, other, tmp_path, bootstrap=10)
+    other = _copy(grams, tmp_path / "shape")
+    group = zarr.open_group(other, mode="r+")
+    del group[layer]
+    group.create_array(layer, shape=(3, 32, 32), chunks=(1, 32, 32), dtype="float64")[...] = 1.0
+    with pytest.raises(StoreError, match=rf"layer {layer} has shape \(3, 32, 32\), not \(3, 64"):
+        _tile_against(grams, other, tmp_path)
+    assert not (tmp_path / "t.parquet").exists()
+
+
+def test_full_data_tile_loads_the_layers_and_equals_the_in_memory_route(activations, tmp_path):
+    """linear: one n × n Gram per layer, the bootstrap resamples examples: loaded whole."""
+    a = gram_store(activations[("simclr", "clean")], tmp_path / "a.zarr", "linear", 64)
+    b = gram_store(activations[("supervised", "clean")], tmp_path / "b.zarr", "linear", 64)
+    out = tmp_path / "linear.parquet"
+    compute_tile("x", "cross", str(a), str(b), range(0, 4), range(24, 27), "linear", str(out), 20)
+    tile = pd.read_parquet(out)
+    sa = load_stats(open_gram(a), tile["layer_a"].unique().tolist())
+    sb = load_stats(open_gram(b), tile["layer_b"].unique().tolist())
+    np.testing.assert_array_equal(tile["value"].to_numpy(), cka.cka_between(sa, sb).ravel())
+    low, high = cka.cka_interval(sa, sb, bootstrap=20, seed=0)
+    np.testing.assert_array_equal(tile["ci_low"].to_numpy(), low.ravel())
+    np.testing.assert_array_equal(tile["ci_high"].to_numpy(), high.ravel())
+    assert set(tile["n"]) == {160} and set(tile["estimator"]) == {"linear"}

@@ -23,6 +23,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # forward + backward ≈ 3 forward passes (the backward pass costs about twice the forward)
 TRAIN_FLOPS_PER_FORWARD = 3
 DEFAULT_GPU_TFLOPS = 40.0  # assumed sustained mixed-precision throughput of one GPU
+WORK_BLOCKS = 4  # a streamed tile's working space, in blocks: see tile_memory
 
 
 @dataclass
@@ -37,7 +38,7 @@ class StudyCosts:
     notes: list[str] = field(default_factory=list)
     # the Gram stage: blocks per layer (all passes), bytes read from the activation stores,
     # Gram store bytes per (run, view) and for the labels ("labels", "labels"), peak memory of
-    # one CKA tile
+    # one CKA tile (`tile_memory`)
     gram_blocks: int = 0
     gram_read_bytes: float = 0.0
     gram_store_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -67,6 +68,30 @@ def gram_layer_cost(
         return passes * len(rows), flops, panels * layer_bytes, passes * len(rows) * size * size * 8
     chunks = -(-n // batch_size)
     return 1, 2.0 * n * n * features, (1 + (chunks + 1) / 2) * layer_bytes, n * n * 8
+
+
+def tile_memory(
+    estimator: str, layers_a: int, layers_b: int, blocks: int, size: int, bootstrap: int
+) -> int:
+    """Peak bytes of one CKA tile (`ckaflow.cka.tiles.compute_tile`) of layers_a × layers_b
+    layers whose statistics are `blocks` Grams of size × size.
+
+    minibatch, streamed block by block: one block of every layer, U-centred and stacked, plus
+    working space for the block being read (the chunk, its U-centred copy: WORK_BLOCKS blocks),
+    (layers_a + layers_b + WORK_BLOCKS) · size² · 8; the per-block HSIC terms,
+    blocks · (layers_a · layers_b + layers_a + layers_b) · 8; the bootstrap replicates,
+    bootstrap · layers_a · layers_b · 8. Full-data estimators (one n × n block) load every layer
+    whole: its Grams, their HSIC vector and the stacked copy, 3 · (layers_a + layers_b) · n² · 8.
+    """
+    block = size * size * 8
+    if estimator != "minibatch":
+        return 3 * (layers_a + layers_b) * blocks * block
+    pairs = layers_a * layers_b
+    return (
+        (layers_a + layers_b + WORK_BLOCKS) * block
+        + blocks * (pairs + layers_a + layers_b) * 8
+        + bootstrap * pairs * 8
+    )
 
 
 def forward_flops(run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: int) -> float:
@@ -128,9 +153,9 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         widest = max(widest, len(chosen))
     if has_class:
         gram_store[(LABELS, LABELS)] = layer_store
-    # a tile loads up to tile_layers layers per side; per layer its Grams, their cached HSIC
-    # vector and the stacked copy cka_between multiplies (each about one layer's store bytes)
-    tile_bytes = 2 * min(cka.tile_layers, widest) * 3 * layer_store
+    side = min(cka.tile_layers, widest)  # a tile has up to tile_layers layers per side
+    size = row_blocks(n, cka.batch_size)[0].stop if cka.estimator == "minibatch" else n
+    tile_bytes = tile_memory(cka.estimator, side, side, blocks, size, cka.bootstrap)
     forward, train = {}, {}
     for run_id, run in study.runs.items():
         forward[run_id] = forward_flops(run, image_shape, classes)

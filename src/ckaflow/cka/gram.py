@@ -19,7 +19,7 @@ import zarr
 
 from ckaflow.activations import open_store
 from ckaflow.cka.estimators import one_hot
-from ckaflow.cka.stats import GramStats, gram_stats
+from ckaflow.cka.stats import BlockHSICs, GramStats, block_terms, block_vector, gram_stats
 from ckaflow.errors import ConfigError, StoreError
 from ckaflow.layers import label_layer
 from ckaflow.provenance import atomic_path, provenance
@@ -159,9 +159,8 @@ def open_gram(path: str | Path):
     return open_store(path, kind=GRAM_KIND)
 
 
-def load_stats(store, names: list[str]) -> list[GramStats]:
-    """GramStats of the named layers of an opened Gram store (one that predates passes had
-    one pass)."""
+def _layout(store) -> tuple[tuple[int, ...], int]:
+    """(block_rows, passes) of an opened Gram store (one that predates passes had one pass)."""
     attrs = store.attrs
     passes = int(attrs.get("passes", 1))
     block_rows = tuple(attrs["block_rows"])
@@ -170,6 +169,14 @@ def load_stats(store, names: list[str]) -> list[GramStats]:
             f"{store.path}: {len(block_rows)} blocks cannot be {passes} equal passes; "
             "the store is damaged: delete it and rerun the gram stage"
         )
+    return block_rows, passes
+
+
+def load_stats(store, names: list[str]) -> list[GramStats]:
+    """GramStats of the named layers of an opened Gram store (one that predates passes had
+    one pass)."""
+    attrs = store.attrs
+    block_rows, passes = _layout(store)
     return [
         GramStats(
             attrs["estimator"],
@@ -182,3 +189,60 @@ def load_stats(store, names: list[str]) -> list[GramStats]:
         )
         for name in names
     ]
+
+
+def stream_block_hsics(store_a, names_a: list[str], store_b, names_b: list[str]) -> BlockHSICs:
+    """Per-block HSIC matrices of layers `names_a` of one Gram store against `names_b` of
+    another, read block by block: for block i, chunk i of every layer (one b × b Gram each) is
+    U-centred into its block vector and the block's terms formed (`block_terms`), so memory is
+    one block of every layer, (La + Lb) · b² · 8 bytes, plus the (blocks, La, Lb) result —
+    never a layer's (blocks, b, b) statistics. A layer on both sides (the same store and name)
+    is read and U-centred once per block.
+
+    For the minibatch (unbiased, blocked) statistics; the caller checks that the two stores hold
+    the same rows in the same blocks (`ckaflow.cka.tiles`). The numbers are those of
+    `ckaflow.cka.stats.block_hsics` on `load_stats` of the same layers, bit for bit.
+    """
+    block_rows, passes = _layout(store_a)
+    estimator = store_a.attrs["estimator"]
+    size = max(block_rows)
+    arrays = {}
+    for store, names in ((store_a, names_a), (store_b, names_b)):
+        for name in names:
+            key = (str(Path(store.path).resolve()), name)
+            if key in arrays:
+                continue
+            array = store[name]
+            if tuple(array.shape) != (len(block_rows), size, size):
+                raise StoreError(
+                    f"{store.path}: layer {name} has shape {tuple(array.shape)}, not "
+                    f"{(len(block_rows), size, size)} for its {len(block_rows)} blocks of "
+                    f"{size} rows; the store is damaged: delete it and rerun the gram stage"
+                )
+            arrays[key] = array
+    keys_a = [(str(Path(store_a.path).resolve()), name) for name in names_a]
+    keys_b = [(str(Path(store_b.path).resolve()), name) for name in names_b]
+    cross = np.empty((len(block_rows), len(names_a), len(names_b)))
+    self_a = np.empty((len(block_rows), len(names_a)))
+    self_b = np.empty((len(block_rows), len(names_b)))
+    shared = {key: keys_a.index(key) for key in keys_b if key in keys_a}
+
+    def vector(key, i: int, m: int) -> np.ndarray:
+        k = np.asarray(arrays[key][i])[:m, :m]  # chunk i: one block's Gram
+        if not np.isfinite(k).all():
+            raise StoreError(
+                f"{key[0]}: layer {key[1]} has non-finite values in block {i}; the store is "
+                "damaged: delete it and rerun the gram stage"
+            )
+        return block_vector(k, estimator)
+
+    for i, m in enumerate(block_rows):
+        a = np.empty((len(keys_a), m * m))
+        for j, key in enumerate(keys_a):
+            a[j] = vector(key, i, m)
+        b = np.empty((len(keys_b), m * m))
+        for j, key in enumerate(keys_b):
+            b[j] = a[shared[key]] if key in shared else vector(key, i, m)
+        cross[i], self_a[i], self_b[i] = block_terms(a, b)
+        del a, b
+    return BlockHSICs(cross, self_a, self_b, passes)

@@ -133,15 +133,18 @@ def _check_passes(passes: int, seed) -> None:
         raise ValueError(f"the permutation seed must be an integer >= 0, got {seed!r}")
 
 
+def block_vector(k: np.ndarray, estimator: str) -> np.ndarray:
+    """v with HSIC(K, L) = v_K · v_L for one block's m × m Gram K (true rows only)."""
+    m = k.shape[0]
+    if estimator in UNBIASED:  # HSIC₁ = ⟨U(K), U(L)⟩ / (m(m−3))
+        return u_center(k).ravel() / np.sqrt(m * (m - 3))
+    return center_gram(k).ravel() / (m - 1)  # HSIC₀ = ⟨HKH, HLH⟩ / (m−1)²
+
+
 def hsic_vector(grams: np.ndarray, block_rows, estimator: str) -> np.ndarray:
-    parts = []
-    for i, m in enumerate(block_rows):
-        k = grams[i, :m, :m]
-        if estimator in UNBIASED:  # HSIC₁ = ⟨U(K), U(L)⟩ / (m(m−3))
-            parts.append(u_center(k).ravel() / np.sqrt(m * (m - 3)))
-        else:  # HSIC₀ = ⟨HKH, HLH⟩ / (m−1)²
-            parts.append(center_gram(k).ravel() / (m - 1))
-    return np.concatenate(parts)
+    return np.concatenate(
+        [block_vector(grams[i, :m, :m], estimator) for i, m in enumerate(block_rows)]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,19 +429,77 @@ def cka_between(
     return cka_from_vectors(va, vb, device)
 
 
-def _block_hsics(stats: list[GramStats], other: list[GramStats]):
-    """Per-block HSIC matrices: (blocks, La, Lb) cross terms and (blocks, L) self terms."""
+def block_terms(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One block's HSIC terms from its stacked block vectors a (La × m²) and b (Lb × m²):
+    the (La, Lb) cross terms and the (La,) and (Lb,) self terms."""
+    return a @ b.T, np.einsum("ij,ij->i", a, a), np.einsum("ij,ij->i", b, b)
+
+
+@dataclass(frozen=True)
+class BlockHSICs:
+    """Per-block HSIC matrices of layers a × layers b: all that the minibatch estimator's value
+    (sum over blocks, then normalise) and its block bootstrap need.
+
+    cross: (blocks, La, Lb); self_a: (blocks, La); self_b: (blocks, Lb); the blocks pass-major
+    as in `GramStats` (passes equal passes of blocks_per_pass blocks each).
+    """
+
+    cross: np.ndarray
+    self_a: np.ndarray
+    self_b: np.ndarray
+    passes: int = 1
+
+    @property
+    def blocks_per_pass(self) -> int:
+        return len(self.cross) // self.passes
+
+    def cka(self) -> np.ndarray:
+        """The minibatch CKA of every pair: HSIC summed over every block of every pass."""
+        return _normalise(self.cross.sum(0), self.self_a.sum(0), self.self_b.sum(0))
+
+    def interval(
+        self, *, bootstrap: int, seed: int = 0, level: float = 0.95
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The block bootstrap of `cka_interval` (minibatch): pass 0's blocks resampled, the
+        interval shifted onto the k-pass estimate when passes > 1."""
+        if bootstrap < 1:
+            raise ValueError(f"bootstrap needs >= 1 replicate, got {bootstrap}")
+        cross, self_a, self_b = self.cross, self.self_a, self.self_b
+        rng = np.random.default_rng(seed)
+        draws = np.empty((bootstrap, *cross.shape[1:]))
+        n_blocks = self.blocks_per_pass  # pass 0's blocks
+        for r in range(bootstrap):
+            counts = np.bincount(rng.integers(0, n_blocks, n_blocks), minlength=n_blocks)
+            draws[r] = _normalise(
+                np.tensordot(counts, cross[:n_blocks], axes=1),
+                counts @ self_a[:n_blocks],
+                counts @ self_b[:n_blocks],
+            )
+        if self.passes > 1:
+            first = _normalise(
+                cross[:n_blocks].sum(0), self_a[:n_blocks].sum(0), self_b[:n_blocks].sum(0)
+            )
+            draws += self.cka() - first
+        return _percentiles(draws, level)
+
+
+def block_hsics(stats: list[GramStats], other: list[GramStats]) -> BlockHSICs:
+    """Per-block HSIC matrices of in-memory statistics (checked comparable by the caller)."""
     offsets = np.cumsum([0, *(m * m for m in stats[0].block_rows)])
     va = [s.hsic_vector for s in stats]  # stacked one block at a time: no copy of all blocks
     vb = [s.hsic_vector for s in other]
     cross, self_a, self_b = [], [], []
     for lo, hi in zip(offsets[:-1], offsets[1:], strict=True):
-        a = np.stack([v[lo:hi] for v in va])
-        b = np.stack([v[lo:hi] for v in vb])
-        cross.append(a @ b.T)
-        self_a.append(np.einsum("ij,ij->i", a, a))
-        self_b.append(np.einsum("ij,ij->i", b, b))
-    return np.stack(cross), np.stack(self_a), np.stack(self_b)
+        terms = block_terms(np.stack([v[lo:hi] for v in va]), np.stack([v[lo:hi] for v in vb]))
+        cross.append(terms[0])
+        self_a.append(terms[1])
+        self_b.append(terms[2])
+    return BlockHSICs(np.stack(cross), np.stack(self_a), np.stack(self_b), stats[0].passes)
+
+
+def _percentiles(draws: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    tail = (1 - level) / 2 * 100
+    return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100 - tail, axis=0)
 
 
 def cka_interval(
@@ -471,25 +532,11 @@ def cka_interval(
     for other in [*stats_a[1:], *stats_b]:
         check_comparable(stats_a[0], other)
     estimator = stats_a[0].estimator
+    if estimator == "minibatch":
+        return block_hsics(stats_a, stats_b).interval(bootstrap=bootstrap, seed=seed, level=level)
     rng = np.random.default_rng(seed)
     draws = np.empty((bootstrap, len(stats_a), len(stats_b)))
-    if estimator == "minibatch":
-        cross, self_a, self_b = _block_hsics(stats_a, stats_b)
-        n_blocks = stats_a[0].blocks_per_pass  # pass 0's blocks
-        for r in range(bootstrap):
-            counts = np.bincount(rng.integers(0, n_blocks, n_blocks), minlength=n_blocks)
-            draws[r] = _normalise(
-                np.tensordot(counts, cross[:n_blocks], axes=1),
-                counts @ self_a[:n_blocks],
-                counts @ self_b[:n_blocks],
-            )
-        if stats_a[0].passes > 1:
-            every = _normalise(cross.sum(0), self_a.sum(0), self_b.sum(0))
-            first = _normalise(
-                cross[:n_blocks].sum(0), self_a[:n_blocks].sum(0), self_b[:n_blocks].sum(0)
-            )
-            draws += every - first
-    elif estimator in ("linear", "rbf"):
+    if estimator in ("linear", "rbf"):
         n = stats_a[0].n
         for r in range(bootstrap):
             idx = rng.integers(0, n, n)
@@ -506,5 +553,4 @@ def cka_interval(
             f"bootstrap intervals are not defined for the {estimator} estimator; "
             "use minibatch (blocks are resampled) or linear/rbf (examples are resampled)"
         )
-    tail = (1 - level) / 2 * 100
-    return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100 - tail, axis=0)
+    return _percentiles(draws, level)

@@ -1,6 +1,17 @@
 """The tile stage: CKA of all layer pairs of a block of rows × a block of columns, from the two
-sides' stored Gram statistics (one float64 matrix product per tile), with optional bootstrap
-confidence intervals."""
+sides' stored Gram statistics, with optional bootstrap confidence intervals.
+
+minibatch: streamed over the blocks (`ckaflow.cka.gram.stream_block_hsics`): block i of every
+layer of the tile (one Zarr chunk each) is U-centred and the block's (La, Lb) cross and self HSIC
+terms kept; the value (sum over blocks, normalised) and the block bootstrap need nothing else.
+Peak memory: one block of every layer, (La + Lb) · b² · 8 bytes, plus blocks · La · Lb · 8 for
+the per-block terms and bootstrap · La · Lb · 8 for the replicates (`ckaflow.costs.tile_memory`)
+— megabytes, where loading the layers' statistics took about three times their store bytes.
+
+Full-data estimators (linear, debiased, rbf): one n × n block per layer, and the bootstrap of
+linear and rbf resamples examples within it, so the layers are loaded whole (`load_stats`), as
+before: memory about 3 · (La + Lb) · n² · 8 bytes.
+"""
 
 from __future__ import annotations
 
@@ -63,7 +74,7 @@ def compute_tile(
     """CKA of layers `rows` of side a against layers `cols` of side b, as a tidy parquet."""
     import pandas as pd
 
-    from ckaflow.cka.gram import load_stats, open_gram
+    from ckaflow.cka.gram import load_stats, open_gram, stream_block_hsics
     from ckaflow.cka.stats import cka_between, cka_interval
     from ckaflow.provenance import atomic_path, code_version
 
@@ -78,12 +89,19 @@ def compute_tile(
     block_rows = a.attrs["block_rows"]
     layers_a = [a.layers[i] for i in rows]
     layers_b = [b.layers[j] for j in cols]
-    stats_a = load_stats(a, [la["name"] for la in layers_a])
-    stats_b = load_stats(b, [lb["name"] for lb in layers_b])
-    values = cka_between(stats_a, stats_b)  # tiny next to the Gram stage: CPU
-    low = high = np.full_like(values, np.nan)
-    if bootstrap:
-        low, high = cka_interval(stats_a, stats_b, bootstrap=bootstrap, seed=seed)
+    names_a, names_b = [la["name"] for la in layers_a], [lb["name"] for lb in layers_b]
+    if estimator == "minibatch":  # streamed block by block (module docstring)
+        terms = stream_block_hsics(a, names_a, b, names_b)
+        values = terms.cka()
+        low = high = np.full_like(values, np.nan)
+        if bootstrap:
+            low, high = terms.interval(bootstrap=bootstrap, seed=seed)
+    else:  # one n × n block per layer: in memory (tiny next to the Gram stage: CPU)
+        stats_a, stats_b = load_stats(a, names_a), load_stats(b, names_b)
+        values = cka_between(stats_a, stats_b)
+        low = high = np.full_like(values, np.nan)
+        if bootstrap:
+            low, high = cka_interval(stats_a, stats_b, bootstrap=bootstrap, seed=seed)
     records = []
     for i, la in enumerate(layers_a):
         for j, lb in enumerate(layers_b):
