@@ -330,10 +330,14 @@ def c5_invariance_rises(table: pd.DataFrame) -> Effect:
     simclr = inv[inv["method_a"] == "simclr"]
     effect = _over_replicates(_per_pair(simclr, rise))
     if effect.replicates:
-        stem = _mean(simclr[simclr["layer_a"] == "stem"]["value"])
-        top = _mean(simclr[simclr["layer_a"] == FINAL_LAYER]["value"])
+        stem, top = _stem_and_top(simclr, "layer_a", "value")
         effect.detail = f"SimCLR invariance: stem {stem:.2f}, {FINAL_LAYER} {top:.2f}"
     return effect
+
+
+def _stem_and_top(frame: pd.DataFrame, layer: str, value: str) -> tuple[float, float]:
+    """Mean of a column at the stem and at the final layer, over every run in the frame."""
+    return tuple(_mean(frame[frame[layer] == name][value]) for name in ("stem", FINAL_LAYER))
 
 
 def c5_invariance_simclr(table: pd.DataFrame) -> Effect:
@@ -363,8 +367,7 @@ def c7_probes_rise(probes: pd.DataFrame | None, method: str) -> Effect:
 
     effect = _over_replicates([rise(g) for _, g in trained.groupby("run")])
     if effect.replicates:
-        stem = _mean(trained[trained["layer"] == "stem"]["eval_accuracy"])
-        top = _mean(trained[trained["layer"] == FINAL_LAYER]["eval_accuracy"])
+        stem, top = _stem_and_top(trained, "layer", "eval_accuracy")
         effect.detail = f"{method}: stem {stem:.1%}, {FINAL_LAYER} {top:.1%}"
     return effect
 
