@@ -33,8 +33,9 @@ def claim_lines(claims: pd.DataFrame) -> list[str]:
             if np.isfinite(row.noise_floor)
             else f"n/a ({row.replicates})"
         )
+        title, statistic = (text.replace("|", "\\|") for text in (row.title, row.statistic))
         lines.append(
-            f"| **{row.claim}** {row.title} | {row.statistic} | {_num(row.value)} {interval} | "
+            f"| **{row.claim}** {title} | {statistic} | {_num(row.value)} {interval} | "
             f"{floor} | **{row.verdict}** |"
         )
     lines.append("")
@@ -128,7 +129,9 @@ def summarize(
             f"{boot} bootstrap replicates. Config hash {table['config_hash'].iloc[0]}, "
             f"code {table['code_version'].iloc[0]}.",
             "",
-            f"## The paper's claims ({PAPER}), measured in this run",
+            "## The paper's claims, measured in this run",
+            "",
+            f"Claims of {PAPER}; rules below the table.",
             "",
             *claim_lines(claims),
             "",
