@@ -20,7 +20,8 @@ import numpy as np
 from ckaflow.errors import TileError
 
 
-def _side_columns(attrs: dict, layer: dict, suffix: str) -> dict:
+def _run_columns(attrs: dict, suffix: str) -> dict:
+    """The columns of one side that are the same for all its layers (built once per tile)."""
     from ckaflow.config import run_spec_from_dict
 
     run = attrs.get("run_spec") or {}
@@ -32,6 +33,11 @@ def _side_columns(attrs: dict, layer: dict, suffix: str) -> dict:
         f"seed_{suffix}": run.get("seed"),
         f"init_{suffix}": run_spec_from_dict(run).init_id if run else None,
         f"view_{suffix}": attrs["view"],
+    }
+
+
+def _layer_columns(layer: dict, suffix: str) -> dict:
+    return {
         f"layer_{suffix}": layer["name"],
         f"layer_index_{suffix}": layer["index"],
         f"layer_kind_{suffix}": layer["kind"],
@@ -103,14 +109,17 @@ def compute_tile(
         if bootstrap:
             low, high = cka_interval(stats_a, stats_b, bootstrap=bootstrap, seed=seed)
     records = []
+    run_a, run_b = _run_columns(a.attrs, "a"), _run_columns(b.attrs, "b")
     for i, la in enumerate(layers_a):
         for j, lb in enumerate(layers_b):
             records.append(
                 {
                     "comparison": comparison,
                     "kind": kind,
-                    **_side_columns(a.attrs, la, "a"),
-                    **_side_columns(b.attrs, lb, "b"),
+                    **run_a,
+                    **_layer_columns(la, "a"),
+                    **run_b,
+                    **_layer_columns(lb, "b"),
                     "estimator": estimator,
                     "batch_size": max(block_rows),
                     "n": int(sum(block_rows)) // a.attrs.get("passes", 1),
