@@ -60,3 +60,15 @@ def test_demo_config_is_valid():
     cfg = config.load(REPO / "config.yaml")
     assert set(cfg["methods"]) == {"simclr", "supervised"}
     assert 1500 <= cfg["data"]["eval_size"] <= 2500
+
+
+def test_passes_with_a_full_data_estimator_is_refused_before_anything_runs():
+    import pytest
+
+    from ckaflow.errors import ConfigError
+    from ckaflow.plan import Study
+    from tests.conftest import tiny_config
+
+    with pytest.raises(ConfigError, match="needs the minibatch estimator, not linear"):
+        Study(tiny_config(cka={"estimator": "linear", "passes": 3}))
+    Study(tiny_config(cka={"estimator": "minibatch", "passes": 3}))  # the protocol itself

@@ -195,6 +195,11 @@ def model_spec(cfg: dict[str, Any]) -> ModelSpec:
 def cka_spec(cfg: dict[str, Any]) -> CkaSpec:
     cka = dict(cfg["cka"])
     cka["comparisons"] = tuple(cka["comparisons"])
+    if cka["passes"] > 1 and cka["estimator"] != "minibatch":  # caught before any job runs
+        raise ConfigError(
+            f"cka.passes = {cka['passes']} needs the minibatch estimator, not "
+            f"{cka['estimator']}: the full-data estimators already use every pair of examples"
+        )
     return CkaSpec(**cka)
 
 

@@ -19,7 +19,14 @@ import zarr
 
 from ckaflow.activations import open_store
 from ckaflow.cka.estimators import one_hot
-from ckaflow.cka.stats import BlockHSICs, GramStats, block_terms, block_vector, gram_stats
+from ckaflow.cka.stats import (
+    BlockHSICs,
+    GramStats,
+    block_terms,
+    block_vector,
+    check_passes,
+    gram_stats,
+)
 from ckaflow.errors import ConfigError, StoreError
 from ckaflow.layers import label_layer
 from ckaflow.provenance import atomic_path, provenance
@@ -46,13 +53,10 @@ def _stats(
 
 def _check_passes(estimator: str, passes: int) -> None:
     """Refused before any data is read (gram_stats would refuse it too, for each layer)."""
-    if passes < 1:
-        raise ConfigError(f"cka.passes must be >= 1, got {passes}")
-    if passes > 1 and estimator != "minibatch":
-        raise ConfigError(
-            f"cka.passes = {passes} needs the minibatch estimator, not {estimator}: the "
-            "full-data estimators already use every pair of examples (set cka.passes to 1)"
-        )
+    try:
+        check_passes(passes, estimator=estimator)
+    except ValueError as err:
+        raise ConfigError(f"cka.{err}") from err
 
 
 def write_gram_store(

@@ -108,7 +108,7 @@ def partition(n: int, batch_size: int, passes: int = 1, seed: int = 0) -> list[n
     """Row indices of every block of every pass, pass-major: each pass's order (see
     `pass_permutation`) cut like `row_blocks` — `batch_size` rows, a shorter last block, one of
     fewer than 4 rows dropped — so every pass has the same block sizes."""
-    _check_passes(passes, seed)
+    check_passes(passes, seed)
     blocks = row_blocks(n, batch_size)
     out = []
     for p in range(passes):
@@ -126,11 +126,17 @@ def partition_digest(blocks: list[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def _check_passes(passes: int, seed) -> None:
+def check_passes(passes: int, seed=0, estimator: str = "minibatch") -> None:
+    """ValueError unless `passes` partitions with permutation `seed` suit the estimator."""
     if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
     if passes > 1 and (not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"the permutation seed must be an integer >= 0, got {seed!r}")
+    if passes > 1 and estimator != "minibatch":
+        raise ValueError(
+            f"passes = {passes} needs the minibatch estimator, not {estimator}: the full-data "
+            "estimators already use every pair of examples (set cka.passes to 1)"
+        )
 
 
 def block_vector(k: np.ndarray, estimator: str) -> np.ndarray:
@@ -240,12 +246,7 @@ def gram_stats(
         raise ValueError(f"batch_size must be >= {MIN_BATCH_ROWS}, got {batch_size}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
-    _check_passes(passes, seed)
-    if passes > 1 and estimator != "minibatch":
-        raise ValueError(
-            f"passes = {passes} needs the minibatch estimator, not {estimator}: the full-data "
-            "estimators already use every pair of examples (set cka.passes to 1)"
-        )
+    check_passes(passes, seed, estimator)
     n, read = _rows_reader(x)
     blocks = block_sizes(estimator, n, batch_size)
     work = _Workspace(_torch_device(device))
