@@ -1,14 +1,15 @@
 rule extract:
-    """Every registered layer of one run on one eval view, into a chunked Zarr store."""
+    """The activations selected for inspection (activations.store) of one run on one view, as a
+    chunked Zarr store. CKA never reads it, so changing the selection recomputes nothing else."""
     input:
-        model="results/runs/{run}/model.pt",
+        model=lambda w: STUDY.model(w.run),
         data=STUDY.data_store(),
     output:
         directory("results/activations/{run}/{view}.zarr"),
     params:
-        store=lambda w: spec(store_options(w.run, w.view)),
+        store=lambda w: spec(STUDY.store_spec(Side(w.run, w.view))),
         batch_size=config["activations"]["batch_size"],
-        chunk_rows=STUDY.cka.batch_size,
+        chunk_rows=config["activations"]["chunk_rows"],
         device=config["device"],
     threads: 2
     log:

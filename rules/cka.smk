@@ -1,7 +1,9 @@
 rule gram:
-    """Per-block Gram matrices of every layer of one store: computed once, used by every pair."""
+    """Per-block Gram statistics of every compared layer of one run on one view, computed during
+    the forward pass (no activations on disk): computed once, used by every pair."""
     input:
-        "results/activations/{run}/{view}.zarr",
+        model=lambda w: STUDY.model(w.run),
+        data=STUDY.data_store(),
     output:
         directory("results/gram/{run}/{view}.zarr"),
     params:
@@ -9,15 +11,18 @@ rule gram:
         batch_size=STUDY.cka.batch_size,
         passes=STUDY.cka.passes,
         seed=config["data"]["seed"],
+        spec=lambda w: spec(STUDY.gram_spec(Side(w.run, w.view))),
         device=config["device"],
+    threads: 2
     log:
         "results/logs/gram/{run}.{view}.log",
     conda:
         CONDA_ENV
     shell:
-        "ckaflow gram --source {input} --out {output} --estimator {params.estimator}"
-        " --batch-size {params.batch_size} --passes {params.passes} --seed {params.seed}"
-        " --device {params.device} > {log} 2>&1"
+        "ckaflow gram --model {input.model} --data {input.data} --view {wildcards.view}"
+        " --out {output} --estimator {params.estimator} --batch-size {params.batch_size}"
+        " --passes {params.passes} --seed {params.seed} --spec {params.spec}"
+        " --device {params.device} --threads {threads} > {log} 2>&1"
 
 
 rule gram_labels:
@@ -31,7 +36,7 @@ rule gram_labels:
         batch_size=STUDY.cka.batch_size,
         passes=STUDY.cka.passes,
         seed=config["data"]["seed"],
-        examples=config["activations"]["examples"] or 0,
+        examples=STUDY.examples or 0,
     log:
         "results/logs/gram/labels.log",
     conda:

@@ -27,18 +27,6 @@ os.environ.update(
 )
 
 
-def store_options(run, view):
-    """How one activation store is written: precision, codec, the selected layers, examples."""
-    act = config["activations"]
-    return {
-        "dtype": act["dtype"],
-        "codec": act["codec"],
-        "level": act["level"],
-        "layers": [layer.name for layer in STUDY.layers(Side(run, view))],
-        "examples": act["examples"],
-    }
-
-
 # Captions of the report (`snakemake --report`): one per family of figures.
 FIGURE_FAMILIES = {
     "within-": ("within.rst", "Within-model CKA"),

@@ -3,13 +3,7 @@ rule prepare_data:
     output:
         directory(STUDY.data_store()),
     params:
-        spec=spec(
-            {
-                "data": to_jsonable(STUDY.data),
-                "augment": to_jsonable(STUDY.augment),
-                "chunk_rows": STUDY.cka.batch_size,
-            }
-        ),
+        spec=spec({"data": to_jsonable(STUDY.data), "augment": to_jsonable(STUDY.augment)}),
     log:
         "results/logs/prepare_data.log",
     conda:

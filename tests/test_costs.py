@@ -2,6 +2,8 @@
 
 import subprocess
 
+import pytest
+
 from ckaflow import config
 from ckaflow.activations import open_store
 from ckaflow.costs import study_costs
@@ -12,19 +14,42 @@ PAPER = REPO / "configs" / "paper-cifar10-resnet50.yaml"
 
 
 def test_predicted_store_bytes_equal_the_stored_arrays(activations, study_config):
+    """Every layer stored (the fixture's stores): what `all_activation_bytes` predicts."""
     costs = study_costs(study_config)
     for (method, view), path in activations.items():
         store = open_store(path)
         run = next(r.run_id for r in config.run_specs(study_config) if r.method == method)
         stored = sum(store[layer["name"]].array.nbytes for layer in store.layers)
-        assert costs.store_bytes[(run, view)] == stored
+        assert costs.all_activation_bytes[(run, view)] == stored
+
+
+def test_predicted_selection_bytes_equal_a_real_selection_store(trained, prepared, tmp_path):
+    """The study's stored selection (activations.store), written as the workflow writes it."""
+    from ckaflow.activations import extract
+
+    cfg = tiny_config(activations={"store": {"layers": {"kinds": ["pool", "out"]}, "examples": 40}})
+    study, costs = Study(cfg), study_costs(cfg)
+    run = next(r.run_id for r in config.run_specs(cfg) if r.method == "supervised")
+    spec = study.store_spec(Side(run, "aug1"))
+    assert spec["examples"] == 40 and all(
+        name.endswith((".out", "pool")) for name in spec["layers"]
+    )
+    path = extract(
+        trained["supervised"], prepared, "aug1", tmp_path / "s.zarr", chunk_rows=16, **spec
+    )
+    store = open_store(path)
+    stored = sum(store[layer["name"]].array.nbytes for layer in store.layers)
+    assert costs.stored_bytes[(run, "aug1")] == stored
+    assert stored < costs.all_activation_bytes[(run, "aug1")] / 10
+    none = study_costs(tiny_config(activations={"store": "none"}))
+    assert none.stored_bytes == {} and none.jobs["extract (stored activations)"] == 0
 
 
 def test_half_precision_halves_the_bytes_and_examples_scale_them():
     full = study_costs(tiny_config())
     half = study_costs(tiny_config(activations={"dtype": "bfloat16", "examples": 80}))
-    key = next(iter(full.store_bytes))
-    assert half.store_bytes[key] * 4 == full.store_bytes[key]  # half the bytes, half the rows
+    key = next(iter(full.all_activation_bytes))
+    assert half.all_activation_bytes[key] * 4 == full.all_activation_bytes[key]
 
 
 def _section(out: str, title: str) -> list[str]:
@@ -47,36 +72,45 @@ def test_paper_config_plan():
     out = result.stdout
     jobs = _section(out, "jobs per stage:")
     assert _fields(jobs, "cka_tile") == ["423"]  # 51 comparisons, at most 3 x 3 tiles each
-    assert _fields(jobs, "gram") == ["19"]  # 18 run x view stores and the labels
+    assert _fields(jobs, "gram") == ["(fused", "forward", "pass)", "19"]  # 18 runs x views, labels
+    assert _fields(jobs, "extract") == ["(stored", "activations)", "18"]
     assert _fields(jobs, "total") == ["477"]
-    acts = _section(out, "activations (")
-    assert acts[0] == "activations (10000 examples each, bfloat16, before compression):"
-    assert _fields(acts, "simclr-resnet50-s2/aug2") == ["94.9", "GB"]
-    assert _fields(acts, "total") == ["1.7", "TB"]
-    gram = _section(out, "Gram statistics")
-    assert gram[0] == "Gram statistics (minibatch, batch 256, 10 passes: 400 blocks per layer):"
     costs = study_costs(config.load(PAPER))
-    assert _fields(gram, "compute") == [f"{costs.gram_flops / 1e15:.1f}", "PFLOP"]
-    # a Gram store: 400 blocks x 256² x 8 bytes = 209.7 MB per layer; the labels are one layer
-    assert _fields(gram, "labels") == ["209.7", "MB"]
-    layers = costs.gram_store_bytes[("simclr-resnet50-s0", "clean")] / 209_715_200
-    assert layers == len(Study(config.load(PAPER)).layers(Side("simclr-resnet50-s0", "clean")))
-    assert _fields(gram, "simclr-resnet50-s0/clean") == [f"{layers * 0.2097152:.1f}", "GB"]
+    gram = _section(out, "Gram statistics")
+    assert gram[0] == (
+        "Gram statistics during the forward pass (minibatch, batch 256, 10 passes: "
+        "400 blocks per layer), 10000 examples:"
+    )
+    assert _fields(gram[1:], "Gram")[:3] == ["products", f"{costs.gram_flops / 1e15:.1f}", "PFLOP"]
+    # every pass forwards every example: 10 x 10,000 x 18 run-views x 2.6 GFLOP
+    assert costs.gram_forward_flops == 10 * 10_000 * 3 * sum(costs.forward_flops.values())
+    assert _fields(gram, "forward")[:3] == ["passes", "4.7", "PFLOP"]
     # a tile streams over the blocks: one U-centred 256² block of each of 32 + 32 layers (and 4
     # blocks of working space), 400 blocks of per-block HSIC terms, 200 bootstrap replicates
-    # (the tile loaded whole was 2 x 32 layers x 3 x 209.7 MB = 40.3 GB)
     assert _fields(gram, "one") == ["CKA", "tile", "in", "memory", "40.8", "MB"]
     pairs = 32 * 32
     assert costs.tile_bytes == (64 + 4) * 256**2 * 8 + 400 * (pairs + 64) * 8 + 200 * pairs * 8
+    size = _section(out, "bytes per run and view")
+    # a Gram store: 400 blocks x 256² x 8 bytes = 209.7 MB per layer; the labels are one layer
+    assert _fields(size, "labels") == ["209.7", "MB"]
+    layers = costs.gram_store_bytes[("simclr-resnet50-s0", "clean")] / 209_715_200
+    assert layers == len(Study(config.load(PAPER)).layers(Side("simclr-resnet50-s0", "clean")))
+    row = _fields(size, "simclr-resnet50-s2/aug2")
+    assert row == [f"{layers * 0.2097152:.1f}", "GB", "3.6", "GB", "94.9", "GB"]
+    assert _fields(size, "total") == ["255.0", "GB", "65.0", "GB", "1.7", "TB"]
+    # the issue's goal: intermediate bytes <= 1/5 of storing every layer's activations
+    everything = sum(costs.all_activation_bytes.values())
+    assert costs.intermediate_bytes / everything == pytest.approx(0.188, abs=0.001)
+    assert size[-1].strip().endswith("= 0.19 of storing every layer's activations")
     training = _section(out, "training (GPU-hours")
     assert _fields(training, "total")[-1] == "GPU-h"
     # ResNet-50 with the CIFAR stem: 2.6 GFLOP per 32 px image, 4,747,392 values per image
     assert 2.5e9 < next(iter(costs.forward_flops.values())) < 2.7e9
-    per_image = next(iter(costs.store_bytes.values())) / costs.examples / 2
+    per_image = next(iter(costs.all_activation_bytes.values())) / costs.examples / 2
     assert per_image == 4_747_392  # every SimCLR layer, heads included (README table)
     # 10 passes of 39 blocks of 256 rows and one of 16: 2 (39 · 256² + 16²) · 10 FLOPs a value
     assert costs.gram_blocks == 400 and costs.examples == 10_000
-    values = sum(costs.store_bytes.values()) / 2 / 10_000
+    values = sum(costs.all_activation_bytes.values()) / 2 / 10_000
     assert costs.gram_flops == 2 * (39 * 256**2 + 16**2) * 10 * values
 
 
@@ -91,8 +125,8 @@ def test_gram_costs_scale_with_passes():
     # a streamed tile holds one block per layer whatever the passes; only its per-block HSIC
     # terms (8 x 8 pairs and 8 + 8 self terms) grow with the blocks
     assert four.tile_bytes - one.tile_bytes == (12 - 3) * (8 * 8 + 16) * 8
-    # tiny layers fit one column panel: the Gram stage reads each store once either way
-    assert one.gram_read_bytes == four.gram_read_bytes == sum(one.store_bytes.values())
+    # the fused stage forwards every example once per pass
+    assert four.gram_forward_flops == 4 * one.gram_forward_flops > 0
 
 
 def test_tile_memory_of_the_full_data_estimators_is_their_loaded_layers():
@@ -104,14 +138,16 @@ def test_tile_memory_of_the_full_data_estimators_is_their_loaded_layers():
     assert tile_memory("rbf", 32, 32, 1, 10_000, 200) == 3 * 64 * 10_000**2 * 8  # 153.6 GB
 
 
-def test_wide_layers_are_read_once_per_panel():
-    from ckaflow import costs
+def test_full_data_estimators_forward_once_per_layer_group():
+    """linear: the rows of a group of layers are held at once; one forward pass per group."""
+    from ckaflow.cka.fused import _layer_groups
 
-    one = costs.gram_layer_cost("minibatch", 10_000, 256, 1, 262_144, 2)
-    ten = costs.gram_layer_cost("minibatch", 10_000, 256, 10, 262_144, 2)
-    assert one[2] == 10_000 * 262_144 * 2  # one pass: read once
-    assert ten[2] == 3 * one[2]  # 10.5 GB of float32 in 4 GiB panels: three reads
-    assert ten[1] == 10 * one[1] and ten[3] == 10 * one[3]
+    assert _layer_groups({"a": 10, "b": 10, "c": 30}, 100, 100 * 20 * 4) == [["a", "b"], ["c"]]
+    assert _layer_groups({"a": 10, "b": 10}, 100, 1) == [["a"], ["b"]]
+    cfg = tiny_config(cka={"estimator": "linear"})
+    costs = study_costs(cfg)
+    one_pass = sum(costs.forward_flops.values()) * 160 * 3  # 3 views, all layers in one group
+    assert costs.gram_forward_flops == one_pass
 
 
 def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations, tmp_path):
@@ -136,5 +172,5 @@ def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations
     for passes in (1, 3):
         with FlopCounterMode(display=False) as counter:
             gram_stats(torch.from_numpy(values), batch_size=64, passes=passes, device="cpu")
-        predicted = gram_layer_cost("minibatch", len(values), 64, passes, values.shape[1], 4)[1]
+        predicted = gram_layer_cost("minibatch", len(values), 64, passes, values.shape[1])[1]
         assert counter.get_total_flops() == predicted

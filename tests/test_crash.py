@@ -30,14 +30,38 @@ def ckaflow(*args: str) -> list[str]:
     return [str(BIN / "ckaflow"), *map(str, args)]
 
 
-def run_to_end(cmd: list[str]) -> None:
+def run_to_end(cmd: list[str]) -> str:
+    """Run the command to its end; its output (stdout and stderr)."""
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
 
 
-def kill_after(cmd: list[str], seconds: float) -> bool:
-    """Start the command and SIGKILL it after `seconds`; True if it was still running."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def launch(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
+    """Start the command, its output unbuffered into `log` (so that it can be watched) or
+    nowhere."""
+    env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    if log is None:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    with log.open("w") as sink:
+        return subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
+
+
+def wait_until(proc: subprocess.Popen, ready) -> bool:
+    """Poll `ready()` every 2 ms: True once it holds, False if the process ends first."""
+    while not ready():
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def kill_after(cmd: list[str], seconds: float, working=None, log: Path | None = None) -> bool:
+    """Start the command and SIGKILL it `seconds` after it starts working (`working()` holds;
+    default: at once); True if it was still running then."""
+    proc = launch(cmd, log)
+    if working is not None and not wait_until(proc, working):
+        return False
     try:
         proc.wait(timeout=seconds)
         return False
@@ -55,25 +79,42 @@ def read_or_refuse(read, out: Path):
         return None
 
 
-def crash_and_resume(name: str, make_cmd, read, same, tmp_path: Path):
-    """Reference run; then KILLS kills at seeded random points between 30 % and 97 % of the
-    reference run's duration, each followed by a reader check; then a run to the end, compared."""
+def crash_and_resume(name: str, make_cmd, read, same, tmp_path: Path, working=None, span=None):
+    """Reference run; then KILLS kills at seeded random points, each followed by a reader check;
+    then a run to the end, compared. Returns the final run's output (its log).
+
+    Kill times count from the start of the process, between 30 % and 97 % of the reference
+    run's duration; or, with `working`, from the moment the stage starts its work, within
+    `span` (default 2 % to 97 %) of the reference run's time from then to its end.
+    `working(out, log)` is called just before each start, with the output folder and the
+    file that gets the process's output, and returns the test `ready()` of that start.
+    """
+    if working is None:
+        working, span = (lambda out, log: lambda: True), span or (0.3, 0.97)
+    span = span or (0.02, 0.97)
+    tmp_path.mkdir(parents=True, exist_ok=True)
     reference = tmp_path / "reference"
+    log = tmp_path / "reference.log"
+    ready = working(reference, log)
+    proc = launch(make_cmd(reference), log)
+    assert wait_until(proc, ready), f"{name}: the reference run ended before it started working"
     started = time.perf_counter()
-    run_to_end(make_cmd(reference))
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
     duration = time.perf_counter() - started
-    span = (0.3 * duration, 0.97 * duration)
     expected = read(reference)
     out = tmp_path / "crashed"
     rng = random.Random(f"crash-{name}")  # seeded: the same kill points on every run
     killed = 0
-    for _ in range(KILLS):
-        killed += kill_after(make_cmd(out), rng.uniform(*span))
+    for i in range(KILLS):
+        log = tmp_path / f"crashed-{i}.log"
+        ready = working(out, log)
+        killed += kill_after(make_cmd(out), rng.uniform(*span) * duration, ready, log)
         seen = read_or_refuse(read, out)
         assert seen is None or same(seen, expected), f"{name}: a half-written output was read"
     assert killed, f"{name}: no kill landed inside the stage; widen its time span"
-    run_to_end(make_cmd(out))
+    final = run_to_end(make_cmd(out))
     assert same(read(out), expected), f"{name}: resumed output differs"
+    return final
 
 
 def _model_state(run_dir: Path):
@@ -152,6 +193,71 @@ def test_gram_killed_at_random_points(activations, tmp_path):
         return _store_arrays(out / "g.zarr", open_gram)
 
     crash_and_resume("gram", cmd, read, _same_arrays, tmp_path)
+
+
+def _partial(out: Path) -> Path:
+    """The scratch folder the fused Gram stage builds `out` in."""
+    return out.with_name(f".{out.name}.partial")
+
+
+def _units_done(partial: Path) -> int:
+    """`units_done` of a partial Gram store (0 while there is none, or none readable)."""
+    try:
+        return int(json.loads((partial / "zarr.json").read_text())["attributes"]["units_done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _fused_working(out: Path, log: Path):
+    """When a fused Gram stage started on `out` has started working: a fresh start when its
+    partial store appears, a resumed start when it says it resumes (its partial store is there
+    before it starts)."""
+    partial = _partial(out / "g.zarr")
+    if not partial.exists():
+        return partial.exists
+    return lambda: "resuming the Gram stage" in log.read_text()
+
+
+@pytest.mark.crash
+def test_fused_gram_killed_at_random_points(trained, prepared, tmp_path):
+    """The fused stage (network to Gram store, 2 passes: 6 blocks), flushing every block, killed
+    at random points of its work; then once right after a flush, which the rerun must resume
+    from (and not start over), to the same bits as an uninterrupted run."""
+    from ckaflow.cka.gram import open_gram
+
+    def cmd(out):
+        return ckaflow(
+            "gram", "--model", trained["simclr"], "--data", prepared, "--view", "clean",
+            "--out", out / "g.zarr", "--estimator", "minibatch", "--batch-size", 64,
+            "--passes", 2, "--seed", 7, "--flush-s", 0, "--device", "cpu", "--threads", 1,
+            "--backend", "local",
+        )  # fmt: skip
+
+    def read(out):
+        return _store_arrays(out / "g.zarr", open_gram)
+
+    crash_and_resume("fused-gram", cmd, read, _same_arrays, tmp_path, working=_fused_working)
+    expected = read(tmp_path / "reference")
+    blocks = len(open_gram(tmp_path / "reference" / "g.zarr").attrs["block_rows"])
+    assert blocks == 6
+
+    # the resume path for certain: a kill as soon as the first block is on disk
+    out = tmp_path / "flushed"
+    partial = _partial(out / "g.zarr")
+    proc = launch(cmd(out))
+    flushed = wait_until(proc, lambda: _units_done(partial) >= 1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert flushed, "fused-gram: the stage ended before its first flush was seen"
+    done = _units_done(partial)
+    assert 1 <= done < blocks, f"fused-gram: the kill left {done} of {blocks} blocks"
+    assert read_or_refuse(read, out) is None, "fused-gram: a partial store was taken as finished"
+    log = run_to_end(cmd(out))
+    assert f"resuming the Gram stage in {partial} after {done} units" in log, log[-3000:]
+    assert _same_arrays(read(out), expected), "fused-gram: output resumed after a flush differs"
+
+    for folder in ("reference", "crashed", "flushed"):
+        assert [p.name for p in (tmp_path / folder).iterdir()] == ["g.zarr"], folder
 
 
 @pytest.fixture(scope="module")

@@ -52,3 +52,24 @@ def test_unknown_things_are_refused(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(CkaflowError, match="not a readable checkpoint"):
         inspect_path(tmp_path / "bad.pt")
+
+
+def test_a_store_snakemake_wrote_gives_no_warning(activations, tmp_path):
+    """Snakemake leaves `.snakemake_timestamp` inside directory outputs; Zarr would warn about it
+    on every listing. A healthy artifact is inspected in silence."""
+    import shutil
+    import subprocess
+
+    from tests.conftest import BIN, ENV
+
+    store = tmp_path / "clean.zarr"
+    shutil.copytree(activations[("simclr", "clean")], store)
+    (store / ".snakemake_timestamp").touch()
+    result = subprocess.run(
+        [str(BIN / "ckaflow"), "inspect", str(store)],
+        capture_output=True,
+        text=True,
+        env={**ENV, "PYTHONWARNINGS": "error::UserWarning"},  # a warning fails the command
+    )
+    assert result.returncode == 0, result.stderr
+    assert "layer4.1.out" in result.stdout and "Warning" not in result.stderr

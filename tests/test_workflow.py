@@ -76,7 +76,17 @@ def test_figures_and_artifacts_exist(finished):
         assert f"{part}-{pair}.png" in figures
     assert "cross-diagonal.png" in figures
     assert all((finished / "results" / "figures" / f).stat().st_size > 10_000 for f in figures)
-    assert list((finished / "results" / "activations").glob("*/aug2.zarr"))
+    # the Gram statistics came from the forward pass; only the selection was stored
+    from ckaflow.activations import open_store
+    from ckaflow.cka.gram import open_gram
+
+    run = "simclr-resnet18-w4-s0"
+    gram = open_gram(finished / "results" / "gram" / run / "aug2.zarr")
+    assert gram.attrs["source"] == f"results/runs/{run}/model.pt" and len(gram.layers) == 28
+    stored = open_store(finished / "results" / "activations" / run / "aug2.zarr")
+    kinds = {layer["kind"] for layer in stored.layers}
+    assert kinds == {"out", "pool"} and stored.attrs["n_examples"] == 300  # all of tiny's 300
+    assert len(stored.layers) == 9  # 8 blocks' out and the pool
 
 
 @pytest.mark.e2e
@@ -176,9 +186,28 @@ def test_adding_a_seed_computes_only_what_involves_it(finished):
 def test_a_cka_setting_reruns_only_cka_stages_and_a_plot_setting_only_figures(finished):
     jobs = planned_jobs(finished, cka={"bootstrap": 30})
     assert set(jobs) == {"cka_tile", "merge_tables", "figures", "summary"}
+    # settings that change the Gram statistics: the fused stage onward, never the data store,
+    # training, probes or the stored activations
+    gram_onward = {"gram", "gram_labels", "cka_tile", "merge_tables", "figures", "summary"}
+    for change in ({"batch_size": 32}, {"passes": 2}, {"estimator": "linear"}):
+        jobs = planned_jobs(finished, cka=change)
+        assert set(jobs) == gram_onward, (change, jobs)
+        assert jobs["gram"] == 6  # 2 runs x 3 views
     jobs = planned_jobs(finished, plots={"dpi": 90})
     assert set(jobs) == {"figures"}
     assert planned_jobs(finished, checkpoint={"every_min": 1}) == {}  # execution setting
+
+
+@pytest.mark.e2e
+def test_the_stored_selection_reruns_only_extraction(finished):
+    """Adding a layer kind to the stored activations recomputes no Gram statistics; storing
+    nothing runs nothing; the forward pass's precision changes both (it changes the values)."""
+    more = {"store": {"layers": {"kinds": ["pool", "out", "residual"]}, "examples": 512}}
+    assert planned_jobs(finished, activations=more) == {"extract": 6}
+    assert planned_jobs(finished, activations={"store": "none"}) == {}
+    jobs = planned_jobs(finished, activations={"precision": "bf16"})
+    assert {"extract", "gram", "cka_tile"} <= set(jobs) and "train" not in jobs
+    assert "gram_labels" not in jobs and "prepare_data" not in jobs
 
 
 @pytest.mark.e2e

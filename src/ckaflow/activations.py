@@ -20,6 +20,7 @@ chunk row written for every layer, and only a whole store is renamed into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shutil
@@ -33,7 +34,7 @@ import zarr
 
 from ckaflow.config import stable_hash
 from ckaflow.errors import StoreError
-from ckaflow.provenance import provenance
+from ckaflow.provenance import provenance, replace_into_place
 
 DTYPES = ("float32", "float16", "bfloat16")
 CODECS = ("zstd", "lz4", "none")
@@ -248,24 +249,38 @@ def extract(
     examples: int | None = None,
     buffers: int = 2,
     workers: int | None = None,
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
     log=print,
 ) -> Path:
     """Run the trained network over one eval view and store the registered layers.
 
     `layers`: names to keep (default: all, in registry order); `examples`: the first n eval
     examples (default: all); `buffers`: chunk buffers in flight (memory bound); `workers`:
-    threads encoding and writing chunks (default: up to 4).
+    threads encoding and writing chunks (default: up to 4); `precision`, `channels_last`: the
+    forward pass's autocast and memory format (`ckaflow.models.forward_settings`).
     """
     import torch
 
     from ckaflow.data import open_prepared
-    from ckaflow.models import record_layers, resolve_device
+    from ckaflow.models import forward_settings, record_layers, resolve_device
     from ckaflow.train.loop import load_network
 
     options = StoreOptions(dtype, codec, level, chunk_rows)
     dev = resolve_device(device)
+    amp, cl = forward_settings(precision, channels_last, dev)
     net, meta = load_network(model_path)
     net = net.to(dev)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+
+    def forward(pixels) -> None:
+        x = data.normalise(pixels.float() / 255)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=amp) if amp else contextlib.nullcontext():
+            net(x)
+
     data = open_prepared(data_path)
     view_array = data.group[f"views/{view}"]
     n = view_array.shape[0] if examples is None else min(examples, view_array.shape[0])
@@ -276,7 +291,7 @@ def extract(
         raise StoreError(f"{model_path}: the model has no layers {unknown}")
     chosen = [layer for layer in registry if layer.name in wanted]
     call_hash = stable_hash(
-        [meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted]
+        [meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted, str(amp), cl]
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +300,7 @@ def extract(
 
     # feature counts from one example, then the arrays (unless resuming) and chunk buffers
     with torch.no_grad(), record_layers(net, wanted) as probe:
-        net.eval()(data.normalise(torch.from_numpy(view_array[:1]).to(dev).float() / 255))
+        forward(torch.from_numpy(view_array[:1]).to(dev))
     features = {name: probe[name].shape[1] for name in wanted}
     for name, width in features.items():
         if name not in group:
@@ -321,8 +336,7 @@ def extract(
                 for batch_start in range(chunk.start, chunk.stop, batch_size):
                     rows = slice(batch_start, min(batch_start + batch_size, chunk.stop))
                     offset = rows.start - chunk.start
-                    pixels = torch.from_numpy(view_array[rows]).to(dev, non_blocking=pinned)
-                    net(data.normalise(pixels.float() / 255))
+                    forward(torch.from_numpy(view_array[rows]).to(dev, non_blocking=pinned))
                 ready = None
                 if pinned:  # the writer waits for this chunk's device-to-host copies only
                     ready = torch.cuda.Event()
@@ -345,12 +359,12 @@ def extract(
             dtype=dtype,
             codec=codec,
             level=level,
+            precision=str(amp).replace("torch.", "") if amp else "float32",
+            channels_last=cl,
         )
     )
     group.attrs["complete"] = True  # last: only now is the store whole
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    replace_into_place(partial, out)
     return out
 
 

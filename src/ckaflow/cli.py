@@ -50,7 +50,6 @@ def cmd_prepare(args) -> None:
         config.DataSpec(**spec["data"]),
         config.augment_spec_from_dict(spec["augment"]),
         args.out,
-        chunk_rows=spec["chunk_rows"],
     )
 
 
@@ -127,27 +126,33 @@ def cmd_extract(args) -> None:
 def cmd_gram(args) -> None:
     from ckaflow.cka.gram import gram_store, label_gram_store
 
+    common = {
+        "out": args.out,
+        "estimator": args.estimator,
+        "batch_size": args.batch_size,
+        "passes": args.passes,
+        "seed": args.seed,
+    }
     if args.labels:
-        label_gram_store(
-            args.source,
-            args.out,
-            args.estimator,
-            args.batch_size,
-            examples=args.examples or None,
-            passes=args.passes,
-            seed=args.seed,
-        )
-    else:
-        kwargs = {
-            "activations": args.source,
-            "out": args.out,
-            "estimator": args.estimator,
-            "batch_size": args.batch_size,
-            "device": args.device,
-            "passes": args.passes,
-            "seed": args.seed,
-        }
+        label_gram_store(args.source, examples=args.examples or None, **common)
+    elif args.source:
+        kwargs = {"activations": args.source, "device": args.device, **common}
         _launch(args, "gram", gram_store, kwargs, key=args.out)
+    else:
+        from ckaflow.cka.fused import fused_gram_store
+        from ckaflow.errors import ConfigError
+
+        if not (args.model and args.data and args.view):
+            raise ConfigError("ckaflow gram needs --source, or --model, --data and --view")
+        _model_stage(
+            args,
+            "gram",
+            fused_gram_store,
+            args.spec,
+            view=args.view,
+            flush_s=args.flush_s,
+            **common,
+        )
 
 
 def cmd_tile(args) -> None:
@@ -230,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
         backend_options(p)
 
     p = stage("prepare", cmd_prepare, "prepare the data store (subsets and eval views)")
-    p.add_argument("--spec", required=True, help="JSON: {data, augment, chunk_rows}")
+    p.add_argument("--spec", required=True, help="JSON: {data, augment}")
     p.add_argument("--out", required=True)
 
     p = stage("train", cmd_train, "train one run (resumes from its checkpoint)")
@@ -265,12 +270,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-rows", type=int, default=256)
     p.add_argument(
-        "--store", default=None, help="JSON: {dtype, codec, level, layers, examples} (optional)"
+        "--store",
+        default=None,
+        help="JSON: {dtype, codec, level, layers, examples, precision, channels_last} (optional)",
     )
     torch_options(p)
 
-    p = stage("gram", cmd_gram, "Gram statistics of every layer of a store (or of the labels)")
-    p.add_argument("--source", required=True, help="activation store, or data store (--labels)")
+    p = stage(
+        "gram",
+        cmd_gram,
+        "Gram statistics of every layer of a run on one view, computed during the forward pass "
+        "(--model, --data, --view); or of a stored activation store (--source), or of the labels",
+    )
+    p.add_argument("--model", default=None, help="model.pt of a trained run (fused stage)")
+    p.add_argument("--data", default=None, help="data store (fused stage)")
+    p.add_argument("--view", default=None, choices=["clean", "aug1", "aug2"])
+    p.add_argument(
+        "--spec",
+        default=None,
+        help="JSON: {layers, examples, precision, channels_last} (fused stage; optional)",
+    )
+    p.add_argument(
+        "--flush-s",
+        type=float,
+        default=60.0,
+        help="fused stage: seconds between writes of finished blocks (what a crash can lose)",
+    )
+    p.add_argument("--source", default=None, help="activation store, or data store (--labels)")
     p.add_argument("--labels", action="store_true", help="use the one-hot eval labels")
     p.add_argument("--examples", type=int, default=0, help="first n examples (0: all; --labels)")
     p.add_argument("--out", required=True)
@@ -285,8 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the permutations of passes 1.. (data.seed)"
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    backend_options(p)
+    torch_options(p)
 
     p = stage("tile", cmd_tile, "CKA of a tile of layer pairs from two Gram stores")
     p.add_argument("--comparison", required=True)

@@ -81,13 +81,18 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Settings that change how or where a study runs, or how figures look, but never a number in a
-# table: left out of the config hash that tables record, so changing them reruns nothing.
+# Settings that change how or where a study runs, how figures look, or which activations are
+# written for inspection, but never a number in a table: left out of the config hash that
+# tables record, so changing them reruns nothing downstream.
 NOT_IN_RESULTS = ("backend", "slurm", "checkpoint", "plots")
+STORE_ONLY = ("store", "batch_size", "chunk_rows", "dtype", "codec", "level")  # of activations
 
 
 def results_hash(config: dict[str, Any]) -> str:
-    return stable_hash({k: v for k, v in config.items() if k not in NOT_IN_RESULTS})
+    kept = {k: v for k, v in config.items() if k not in NOT_IN_RESULTS}
+    if isinstance(kept.get("activations"), dict):
+        kept["activations"] = {k: v for k, v in kept["activations"].items() if k not in STORE_ONLY}
+    return stable_hash(kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +140,7 @@ class RecipeSpec:
     proj_dim: int
     lars_eta: float
     precision: str
-    channels_last: bool
+    channels_last: bool | str  # auto | True | False: see models.forward_settings
 
 
 @dataclass(frozen=True)

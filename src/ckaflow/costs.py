@@ -1,7 +1,8 @@
-"""What a study will cost before anything runs (`ckaflow plan`): jobs per stage, activation
-bytes per run and view, the Gram stage's FLOPs, reads and store bytes (all scale with
-`cka.passes`), the memory of one CKA tile, and the compute and GPU-hours its training recipes
-imply.
+"""What a study will cost before anything runs (`ckaflow plan`): jobs per stage; per run and
+view the bytes of its Gram store, of the activations it stores for inspection, and of what
+storing every compared layer would take; the fused Gram stage's forward and Gram FLOPs (both
+scale with `cka.passes`); the memory of one CKA tile; and the compute and GPU-hours its training
+recipes imply.
 
 Sizes come from the layer registry's arithmetic (ckaflow.layers.layer_features) and FLOPs from
 one forward pass of the real network on PyTorch's meta device (no memory, no data), so a
@@ -15,7 +16,7 @@ from typing import Any
 
 from ckaflow import config as cfg
 from ckaflow.cka.estimators import row_blocks
-from ckaflow.cka.stats import PANEL_BYTES
+from ckaflow.cka.fused import MEMORY_BYTES, _layer_groups
 from ckaflow.layers import layer_features
 from ckaflow.plan import LABELS, Side, Study
 
@@ -29,45 +30,49 @@ WORK_BLOCKS = 4  # a streamed tile's working space, in blocks: see tile_memory
 @dataclass
 class StudyCosts:
     jobs: dict[str, int]
-    store_bytes: dict[tuple[str, str], int]
+    # per (run, view): bytes of every compared layer's activations (what storing them all would
+    # take) and of those the study stores for inspection (activations.store)
+    all_activation_bytes: dict[tuple[str, str], int]
+    stored_bytes: dict[tuple[str, str], int]
     examples: int
+    stored_examples: int
     gram_flops: float
     train_flops: dict[str, float]
     forward_flops: dict[str, float]
     gpu_tflops: float
-    notes: list[str] = field(default_factory=list)
-    # the Gram stage: blocks per layer (all passes), bytes read from the activation stores,
+    # the fused Gram stage: blocks per layer (all passes), forward FLOPs of all its passes,
     # Gram store bytes per (run, view) and for the labels ("labels", "labels"), peak memory of
     # one CKA tile (`tile_memory`)
     gram_blocks: int = 0
-    gram_read_bytes: float = 0.0
+    gram_forward_flops: float = 0.0
     gram_store_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
     tile_bytes: int = 0
 
     def gpu_hours(self, flops: float) -> float:
         return flops / (self.gpu_tflops * 1e12) / 3600
 
+    @property
+    def intermediate_bytes(self) -> int:
+        """What the study keeps between the forward passes and CKA: Gram stores plus stored
+        activations."""
+        return sum(self.gram_store_bytes.values()) + sum(self.stored_bytes.values())
+
 
 def gram_layer_cost(
-    estimator: str, n: int, batch_size: int, passes: int, features: int, value_bytes: int
-) -> tuple[int, float, float, int]:
-    """(blocks, FLOPs, bytes read, stored bytes) of one layer's Gram statistics, as
-    `ckaflow.cka.stats.gram_stats` computes them.
+    estimator: str, n: int, batch_size: int, passes: int, features: int
+) -> tuple[int, float, int]:
+    """(blocks, FLOPs, stored bytes) of one layer's Gram statistics, as the Gram stage
+    (`ckaflow.cka.fused`, `ckaflow.cka.stats.gram_stats`) computes them.
 
-    minibatch: 2·m²·d FLOPs per block of m rows, in every pass; one pass reads the layer once, more
-    passes read it once per column panel (`PANEL_BYTES` of float32, see `_partitioned_grams`).
-    Full-data estimators: the n × n Gram from pairs of row chunks, 2·n²·d FLOPs; the layer is
-    read once for the mean and each chunk again for every chunk pair it is in.
+    minibatch: 2·m²·d FLOPs per block of m rows, in every pass. Full-data estimators: the n × n
+    Gram from pairs of row chunks, 2·n²·d FLOPs.
     """
-    layer_bytes = n * features * value_bytes
     if estimator == "minibatch":
         rows = [r.stop - r.start for r in row_blocks(n, batch_size)]
         flops = 2.0 * features * passes * sum(m * m for m in rows)
-        panels = 1 if passes == 1 else -(-n * features * 4 // PANEL_BYTES)
         size = rows[0] if rows else 0
-        return passes * len(rows), flops, panels * layer_bytes, passes * len(rows) * size * size * 8
-    chunks = -(-n // batch_size)
-    return 1, 2.0 * n * n * features, (1 + (chunks + 1) / 2) * layer_bytes, n * n * 8
+        return passes * len(rows), flops, passes * len(rows) * size * size * 8
+    return 1, 2.0 * n * n * features, n * n * 8
 
 
 def tile_memory(
@@ -114,66 +119,69 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
     study = Study(config)
     image_shape, classes = cfg.DATASET_SHAPES[study.data.name]
     act = config["activations"]
-    n = (
-        study.data.eval_size
-        if act["examples"] is None
-        else min(act["examples"], study.data.eval_size)
-    )
+    eval_size = study.data.eval_size
+    n = eval_size if study.examples is None else min(study.examples, eval_size)
+    kept = n if study.stored_examples is None else min(study.stored_examples, n)
     run_views = study.run_views()
     has_class = any(c.kind == "class" for c in study.comparisons.values())
+    stores = study.activation_stores()
     jobs = {
         "prepare_data": 1,
         "train": len(study.runs),
         "evaluate": len(study.runs),
-        "extract": len(run_views),
-        "gram": len(run_views) + (1 if has_class else 0),
+        "gram (fused forward pass)": len(run_views) + (1 if has_class else 0),
+        "extract (stored activations)": len(stores),
         "cka_tile": len(study.all_tiles()),
         "merge, tables, figures, summary": 4,
     }
-    store_bytes, gram_flops, gram_read, gram_store = {}, 0.0, 0.0, {}
     cka, dtype_bytes = study.cka, DTYPE_BYTES[act["dtype"]]
-
-    def gram_cost(features: int) -> tuple[int, float, float, int]:
-        return gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, features, dtype_bytes)
-
-    blocks, _, _, layer_store = gram_cost(1)
-    widest = 1
-    for run_id, view in run_views:
-        run = study.runs[run_id]
-        head = run.recipe.proj_dim if run.method == "simclr" else classes
-        sizes = layer_features(run.model.arch, run.model.width, image_shape[1], run.method, head)
-        chosen = [layer.name for layer in study.layers(Side(run_id, view))]
-        values = sum(sizes[name] for name in chosen)
-        store_bytes[(run_id, view)] = values * n * dtype_bytes
-        for name in chosen:
-            _, flops, read, _ = gram_cost(sizes[name])
-            gram_flops += flops
-            gram_read += read
-        gram_store[(run_id, view)] = len(chosen) * layer_store
-        widest = max(widest, len(chosen))
-    if has_class:
-        gram_store[(LABELS, LABELS)] = layer_store
-    side = min(cka.tile_layers, widest)  # a tile has up to tile_layers layers per side
-    size = row_blocks(n, cka.batch_size)[0].stop if cka.estimator == "minibatch" else n
-    tile_bytes = tile_memory(cka.estimator, side, side, blocks, size, cka.bootstrap)
+    blocks, _, layer_store = gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, 1)
+    all_bytes, stored, gram_store = {}, {}, {}
+    gram_flops, gram_forward, widest = 0.0, 0.0, 1
     forward, train = {}, {}
     for run_id, run in study.runs.items():
         forward[run_id] = forward_flops(run, image_shape, classes)
         views = 2 if run.method == "simclr" else 1
         images = study.data.train_size * run.recipe.epochs * views
         train[run_id] = TRAIN_FLOPS_PER_FORWARD * forward[run_id] * images
+    for run_id, view in run_views:
+        run, side = study.runs[run_id], Side(run_id, view)
+        head = run.recipe.proj_dim if run.method == "simclr" else classes
+        sizes = layer_features(run.model.arch, run.model.width, image_shape[1], run.method, head)
+        chosen = {layer.name: sizes[layer.name] for layer in study.layers(side)}
+        all_bytes[(run_id, view)] = sum(chosen.values()) * n * dtype_bytes
+        if stores:
+            kept_values = sum(sizes[layer.name] for layer in study.stored_layers(side))
+            stored[(run_id, view)] = kept_values * kept * dtype_bytes
+        for width in chosen.values():
+            gram_flops += gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, width)[1]
+        # minibatch: every pass forwards every example; full data: one pass per layer group
+        forwards = (
+            cka.passes
+            if cka.estimator == "minibatch"
+            else len(_layer_groups(chosen, n, MEMORY_BYTES))
+        )
+        gram_forward += forwards * n * forward[run_id]
+        gram_store[(run_id, view)] = len(chosen) * layer_store
+        widest = max(widest, len(chosen))
+    if has_class:
+        gram_store[(LABELS, LABELS)] = layer_store
+    side = min(cka.tile_layers, widest)  # a tile has up to tile_layers layers per side
+    size = row_blocks(n, cka.batch_size)[0].stop if cka.estimator == "minibatch" else n
     return StudyCosts(
         jobs,
-        store_bytes,
+        all_bytes,
+        stored,
         n,
+        kept,
         gram_flops,
         train,
         forward,
         gpu_tflops,
         gram_blocks=blocks,
-        gram_read_bytes=gram_read,
+        gram_forward_flops=gram_forward,
         gram_store_bytes=gram_store,
-        tile_bytes=tile_bytes,
+        tile_bytes=tile_memory(cka.estimator, side, side, blocks, size, cka.bootstrap),
     )
 
 
@@ -192,13 +200,10 @@ def render(config: dict[str, Any], costs: StudyCosts) -> str:
     lines.append("jobs per stage:")
     lines += [f"  {stage:<34} {count:>7}" for stage, count in costs.jobs.items()]
     lines.append(f"  {'total':<34} {sum(costs.jobs.values()):>7}")
-    dtype = config["activations"]["dtype"]
-    lines += ["", f"activations ({costs.examples} examples each, {dtype}, before compression):"]
-    stores = {f"{run}/{view}": size for (run, view), size in sorted(costs.store_bytes.items())}
-    pad = max(len(name) for name in [*stores, *runs]) + 2
-    lines += [f"  {name:<{pad}} {_si(size, 'B'):>12}" for name, size in stores.items()]
-    lines.append(f"  {'total':<{pad}} {_si(sum(stores.values()), 'B'):>12}")
+    names = [f"{run}/{view}" for run, view in sorted(costs.all_activation_bytes)]
+    pad = max(len(name) for name in [*names, *runs, LABELS]) + 2
     lines += ["", *_render_gram(config, costs, pad), ""]
+    lines += [*_render_bytes(config, costs, pad), ""]
     lines.append(f"training (GPU-hours at an assumed {costs.gpu_tflops:g} TFLOP/s sustained):")
     for run in runs:
         flops = costs.train_flops[run]
@@ -215,7 +220,6 @@ def render(config: dict[str, Any], costs: StudyCosts) -> str:
 
 def _render_gram(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[str]:
     cka = config["cka"]
-    activations = sum(costs.store_bytes.values())
     if cka["estimator"] == "minibatch":
         how = (
             f"minibatch, batch {cka['batch_size']}, {cka['passes']} "
@@ -223,21 +227,42 @@ def _render_gram(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[st
         )
     else:
         how = f"{cka['estimator']}: one {costs.examples} x {costs.examples} Gram per layer"
-    lines = [f"Gram statistics ({how}):"]
-    lines.append(f"  {'compute':<{pad}} {_si(costs.gram_flops, 'FLOP'):>12}")
-    ratio = costs.gram_read_bytes / activations if activations else 0.0
+    forward, gram = costs.gram_forward_flops, costs.gram_flops
+    return [
+        f"Gram statistics during the forward pass ({how}), {costs.examples} examples:",
+        f"  {'forward passes':<{pad}} {_si(forward, 'FLOP'):>12}"
+        f"  {costs.gpu_hours(forward):8.2f} GPU-h",
+        f"  {'Gram products':<{pad}} {_si(gram, 'FLOP'):>12}  {costs.gpu_hours(gram):8.2f} GPU-h",
+        f"  {'one CKA tile in memory':<{pad}} {_si(costs.tile_bytes, 'B'):>12}",
+    ]
+
+
+def _render_bytes(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[str]:
+    dtype = config["activations"]["dtype"]
+    lines = [
+        f"bytes per run and view: Gram store (float64) | activations stored ({dtype}, "
+        f"{costs.stored_examples if costs.stored_bytes else 0} examples) | every layer's "
+        f"activations, were they stored ({costs.examples} examples, before compression):"
+    ]
+    for key in sorted(costs.all_activation_bytes):
+        gram = _si(costs.gram_store_bytes[key], "B")
+        kept = _si(costs.stored_bytes.get(key, 0), "B")
+        lines.append(
+            f"  {key[0] + '/' + key[1]:<{pad}} {gram:>12} {kept:>12} "
+            f"{_si(costs.all_activation_bytes[key], 'B'):>12}"
+        )
+    if (LABELS, LABELS) in costs.gram_store_bytes:
+        lines.append(f"  {LABELS:<{pad}} {_si(costs.gram_store_bytes[(LABELS, LABELS)], 'B'):>12}")
+    grams, kept = sum(costs.gram_store_bytes.values()), sum(costs.stored_bytes.values())
+    everything = sum(costs.all_activation_bytes.values())
     lines.append(
-        f"  {'activations read':<{pad}} {_si(costs.gram_read_bytes, 'B'):>12}"
-        f"  ({ratio:.2f} x the stores)"
+        f"  {'total':<{pad}} {_si(grams, 'B'):>12} {_si(kept, 'B'):>12} {_si(everything, 'B'):>12}"
     )
-    stores = {
-        (LABELS if run == LABELS else f"{run}/{view}"): size
-        for (run, view), size in sorted(costs.gram_store_bytes.items())
-    }
-    lines.append("  stores (float64):")
-    lines += [f"    {name:<{pad - 2}} {_si(size, 'B'):>12}" for name, size in stores.items()]
-    lines.append(f"    {'total':<{pad - 2}} {_si(sum(stores.values()), 'B'):>12}")
-    lines.append(f"  {'one CKA tile in memory':<{pad}} {_si(costs.tile_bytes, 'B'):>12}")
+    share = costs.intermediate_bytes / everything if everything else 0.0
+    lines.append(
+        f"  intermediate bytes (Gram stores + stored activations): "
+        f"{_si(costs.intermediate_bytes, 'B')} = {share:.2f} of storing every layer's activations"
+    )
     return lines
 
 

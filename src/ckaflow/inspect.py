@@ -12,6 +12,8 @@ PROVENANCE_KEYS = (
     "view",
     "dataset",
     "estimator",
+    "passes",
+    "precision",
     "dtype",
     "codec",
     "n_examples",
@@ -23,6 +25,8 @@ PROVENANCE_KEYS = (
     "data_spec_hash",
     "call_hash",
     "rows_done",
+    "units_done",
+    "source",
     "complete",
 )
 
@@ -144,7 +148,7 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
         root = path.parent
         expected = [study.data_store()]
         expected += study.run_files()
-        expected += [study.activations(run, view) for run, view in study.run_views()]
+        expected += study.activation_stores()
         expected += [study.gram(side) for side in study.sides()]
         expected += [study.tile_path(tile) for tile in study.all_tiles()]
         expected += ["results/tables/cka.parquet", "results/tables/claims.parquet"]

@@ -162,3 +162,23 @@ def resolve_device(device: str) -> torch.device:
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return torch.device(device)
+
+
+def forward_settings(
+    precision: str, channels_last: bool | str, dev: torch.device
+) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels-last?) of a forward pass on `dev`.
+
+    `precision` auto = bf16 on a GPU and fp32 on the CPU (where runs are also deterministic);
+    fp32, bf16 and fp16 named explicitly hold on any device, so the GPU's mixed-precision path
+    can be rehearsed on the CPU. `channels_last` auto = on a GPU only; True = on any device.
+    """
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {precision!r} is not one of auto, fp32, bf16, fp16")
+    if channels_last not in ("auto", True, False):
+        raise ValueError(f"channels_last {channels_last!r} is not one of auto, true, false")
+    gpu = dev.type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if gpu else "fp32"
+    amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return amp, gpu if channels_last == "auto" else bool(channels_last)

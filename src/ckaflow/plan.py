@@ -76,6 +76,60 @@ class Study:
             layer_registry(run.model.arch, run.method), selection["kinds"], selection["names"]
         )
 
+    @property
+    def examples(self) -> int | None:
+        """Compare the first n eval examples (None: all)."""
+        return self.config["activations"]["examples"]
+
+    def gram_spec(self, side: Side) -> dict:
+        """What the Gram stage of one run and view computes from, besides the cka settings."""
+        act = self.config["activations"]
+        return {
+            "layers": [layer.name for layer in self.layers(side)],
+            "examples": self.examples,
+            "precision": act["precision"],
+            "channels_last": act["channels_last"],
+        }
+
+    def stored_layers(self, side: Side) -> list[Layer]:
+        """The compared layers whose activations are written for inspection (activations.store)."""
+        store = self.config["activations"]["store"]
+        if store == "none":
+            return []
+        compared = self.layers(side)
+        if store == "all":
+            return compared
+        selection = store.get("layers") or {}
+        return select_layers(compared, selection.get("kinds"), selection.get("names"))
+
+    @property
+    def stored_examples(self) -> int | None:
+        """The first n eval examples whose activations are stored (None: all compared ones)."""
+        store = self.config["activations"]["store"]
+        wanted = store.get("examples") if isinstance(store, dict) else None
+        if wanted is None:
+            return self.examples
+        return wanted if self.examples is None else min(wanted, self.examples)
+
+    def store_spec(self, side: Side) -> dict:
+        """How one activation store is written: precision, codec, layers, examples."""
+        act = self.config["activations"]
+        return {
+            "dtype": act["dtype"],
+            "codec": act["codec"],
+            "level": act["level"],
+            "layers": [layer.name for layer in self.stored_layers(side)],
+            "examples": self.stored_examples,
+            "precision": act["precision"],
+            "channels_last": act["channels_last"],
+        }
+
+    def activation_stores(self) -> list[str]:
+        """The activation stores the study writes (none when activations.store is none)."""
+        if self.config["activations"]["store"] == "none":
+            return []
+        return [self.activations(run, view) for run, view in self.run_views()]
+
     # -- comparisons -----------------------------------------------------------------------
     @cached_property
     def comparisons(self) -> dict[str, Comparison]:

@@ -59,9 +59,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(scratch)
     try:
         yield scratch
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        os.replace(scratch, path)
+        replace_into_place(scratch, path)
     except OSError as err:
         _remove(scratch)  # also gives the space back on a full disk
         if err.filename is None:  # write() errors name no file: name the artifact
@@ -70,6 +68,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         _remove(scratch)
         raise
+
+
+def replace_into_place(finished: Path, path: Path) -> None:
+    """Rename a finished file or folder onto `path`. An older folder at `path` is first renamed
+    aside and deleted only after, so a kill at any moment leaves the old artifact whole, or
+    nothing (which the stage then remakes), never a half-deleted one that looks finished."""
+    for stale in path.parent.glob(f".{path.name}.old-*"):  # left by a kill between renames
+        _remove(stale)
+    if path.is_dir() and not path.is_symlink():
+        aside = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, aside)
+        os.replace(finished, path)
+        _remove(aside)
+    else:
+        os.replace(finished, path)
 
 
 def _remove(path: Path) -> None:

@@ -51,10 +51,10 @@ def _stats(
         raise StoreError(str(err)) from err
 
 
-def _check_passes(estimator: str, passes: int) -> None:
+def check_passes_config(estimator: str, passes: int, seed: int = 0) -> None:
     """Refused before any data is read (gram_stats would refuse it too, for each layer)."""
     try:
-        check_passes(passes, estimator=estimator)
+        check_passes(passes, seed, estimator=estimator)
     except ValueError as err:
         raise ConfigError(f"cka.{err}") from err
 
@@ -107,7 +107,7 @@ def gram_store(
 ) -> Path:
     """Gram statistics of every layer of one activation store, read chunk by chunk; with
     passes > 1, over `passes` partitions of the examples (pass p >= 1 permuted by `seed`)."""
-    _check_passes(estimator, passes)
+    check_passes_config(estimator, passes, seed)
     store = open_store(activations)
     stats = (
         (
@@ -143,7 +143,7 @@ def label_gram_store(
     same passes and seed, hence the same partitions."""
     from ckaflow.data import open_prepared
 
-    _check_passes(estimator, passes)
+    check_passes_config(estimator, passes, seed)
     data = open_prepared(data_path)
     labels = one_hot(data.eval_labels()[:examples], data.attrs["num_classes"])
     where = f"{data_path} labels"

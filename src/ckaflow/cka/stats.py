@@ -190,12 +190,20 @@ class _Workspace:
         self.device = device
         self.buffers: dict = {}
 
-    def centred(self, values: np.ndarray, centre, slot: int = 0):
+    def centred(self, values, centre, slot: int = 0):
+        """`values` (rows, ...) as (rows, features) on the device minus `centre` (default: their
+        own column mean); a NumPy array or a torch tensor (on any device, in any precision: the
+        forward pass of the fused stage hands its layers over as they are)."""
         import torch
 
-        values = values.reshape(len(values), -1)
-        dtype = torch.float64 if values.dtype == np.float64 else torch.float32
-        src = torch.from_numpy(np.ascontiguousarray(values)).to(self.device, dtype)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().reshape(len(values), -1)
+            dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+            src = values.to(self.device, dtype)
+        else:
+            values = values.reshape(len(values), -1)
+            dtype = torch.float64 if values.dtype == np.float64 else torch.float32
+            src = torch.from_numpy(np.ascontiguousarray(values)).to(self.device, dtype)
         if centre is None:
             centre = src.mean(0)
         key = (slot, tuple(src.shape), dtype)
@@ -206,6 +214,14 @@ class _Workspace:
 
 def _gram_block(a, b) -> np.ndarray:
     return (a @ b.T).double().cpu().numpy()
+
+
+def block_gram(values, work: _Workspace) -> np.ndarray:
+    """The Gram of one block of rows, centred on the block's own column mean: the one
+    definition shared by the store-then-Gram path and the fused stage, so that both give the
+    same bits for the same values."""
+    t = work.centred(values, None)
+    return _gram_block(t, t)
 
 
 def _check_finite(k: np.ndarray, read, rows: slice, name: str) -> None:
@@ -266,8 +282,7 @@ def gram_stats(
     grams = np.zeros((len(blocks), size, size))
     for i, rows in enumerate(blocks):
         if estimator == "minibatch":
-            t = work.centred(read(rows), None)
-            k = _gram_block(t, t)
+            k = block_gram(read(rows), work)
         else:
             k = _streamed_gram(read, rows, batch_size, work)
         _check_finite(k, read, rows, name)
@@ -291,9 +306,10 @@ def _partitioned_grams(
     is read once; a wider one once per panel (⌈n·d·4 / panel_bytes⌉ reads). Memory: one panel
     plus one chunk plus the output; FLOPs: exactly 2·m²·d per block, as for pass 0 alone.
 
-    Each panel is centred on its column mean over all n rows rather than each block on its own
-    mean: the U-centred Gram (hence HSIC₁) is unchanged by shifting the features by any constant
-    vector, as K + a1ᵀ + 1aᵀ + c11ᵀ U-centres to the same matrix (tests/test_cka_passes.py).
+    Each gathered block is centred on its own column mean, as `block_gram` does, so a layer that
+    fits one panel gives the very bits of the fused stage, which forwards the permuted block
+    itself (any constant shift would do for HSIC₁: K + a1ᵀ + 1aᵀ + c11ᵀ U-centres to the same
+    matrix; the own mean keeps the float32 GEMM precise).
     """
     import torch
 
@@ -314,13 +330,13 @@ def _partitioned_grams(
             values = first if start == 0 else np.asarray(read(rows))
             panel[rows] = values.reshape(len(values), -1)[:, cols]
         t = torch.from_numpy(panel).to(work.device)
-        t -= t.mean(0)
         gathered.clear()
         for i, idx in enumerate(index):
             key = (len(idx), t.shape[1])
             if key not in gathered:
                 gathered[key] = torch.empty(key, dtype=dtype, device=work.device)
             part = torch.index_select(t, 0, idx, out=gathered[key])
+            part -= part.mean(0)
             m = len(idx)
             grams[i, :m, :m] += _gram_block(part, part)
         del t, panel

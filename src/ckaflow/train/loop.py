@@ -22,7 +22,7 @@ from ckaflow.augment import hash_seed, take_rows
 from ckaflow.config import AugmentSpec, ModelSpec, RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
 from ckaflow.errors import CheckpointError
-from ckaflow.models import Network, resolve_device
+from ckaflow.models import Network, forward_settings, resolve_device
 from ckaflow.provenance import atomic_path, provenance
 from ckaflow.train import checkpoint, distributed
 from ckaflow.train.optim import make_optimizer, make_schedule
@@ -75,13 +75,6 @@ def train_spec_hash(run: RunSpec, aug: AugmentSpec, data_hash: str) -> str:
     return stable_hash([to_jsonable(run), to_jsonable(aug), data_hash])
 
 
-def autocast_dtype(precision: str, dev: torch.device) -> torch.dtype | None:
-    """Mixed precision on a GPU only; the CPU trains in float32 (and deterministically)."""
-    if dev.type != "cuda" or precision == "fp32":
-        return None
-    return torch.float16 if precision == "fp16" else torch.bfloat16
-
-
 def _rng_state(dev: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if dev.type == "cuda":
@@ -131,10 +124,11 @@ def train_run(
     method = METHODS[run.method](recipe, aug)
 
     net = initial_network(run, attrs).to(dev)
-    channels_last = dev.type == "cuda" and recipe.channels_last
+    # the GPU's forward (autocast, channels-last) can be rehearsed on the CPU by naming it
+    amp_dtype, channels_last = forward_settings(recipe.precision, recipe.channels_last, dev)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
-    amp_dtype = autocast_dtype(recipe.precision, dev)
+    # loss scaling only for fp16 (bf16 has float32's exponent range); "cpu" scaler exists too
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype is torch.float16)
     model = net
     if distributed.active():

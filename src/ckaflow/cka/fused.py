@@ -1,0 +1,322 @@
+"""The fused Gram stage: each layer reduced to its Gram statistics during the forward pass.
+
+`fused_gram_store` runs a trained network over one eval view and, for every selected layer,
+forms the per-block Gram matrices of `ckaflow.cka.stats` from the activations while they are in
+memory (one matrix product per layer and block, on the GPU when there is one), writing the Gram
+store of `ckaflow.cka.gram` directly: the activations never touch the disk.
+
+minibatch: each block of `batch_size` examples is one forward pass. Pass 0 takes the examples
+in stored order; with `passes` > 1, pass p forwards the blocks of the seeded permutation
+`stats.partition(n, batch_size, passes, seed)`, so a network sees every example once per pass,
+as in Nguyen, Raghu & Kornblith (2021).
+
+Full-data estimators (linear, debiased, rbf) need every pair of examples, so their Gram is
+assembled from a layer's rows held in memory: layers are taken in groups whose float32 rows fit
+`memory_bytes`, one forward pass over all examples per group.
+
+Both give the bits of the store-then-Gram path (`ckaflow gram --source`) on float32 values,
+because both call the same block code (`stats.block_gram`, `stats.gram_stats`).
+
+Resuming: the store is built under `.<name>.partial` with the call's hash; statistics are
+flushed to it every `flush_s` seconds (and when `flush_bytes` are waiting) with `units_done`
+(blocks, or layer groups) recorded after each flush, so a killed job restarts from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ckaflow.cka.gram import GRAM_KIND, check_passes_config
+from ckaflow.cka.stats import (
+    _Workspace,
+    block_sizes,
+    gram_stats,
+    partition,
+    partition_digest,
+)
+from ckaflow.config import stable_hash
+from ckaflow.errors import StoreError
+from ckaflow.provenance import provenance, replace_into_place
+
+# Full-data estimators: float32 rows of a group of layers held at once (see module docstring).
+MEMORY_BYTES = 2 * 2**30
+FLUSH_SECONDS = 60.0
+FLUSH_BYTES = 512 * 2**20
+
+
+def _non_finite(name: str, where: str, rows) -> StoreError:
+    """A non-finite value makes its row's Gram diagonal non-finite: name the block's examples."""
+    return StoreError(
+        f"{where} layer {name}: non-finite values (NaN or Inf) in the activations of examples "
+        f"{sorted(int(r) for r in rows)[:8]}... (a block of {len(rows)})"
+    )
+
+
+def _open_partial(partial: Path, call_hash: str, log) -> tuple[zarr.Group, int]:
+    """A partial Gram store of an identical earlier call (resumed), or a fresh one."""
+    if partial.exists():
+        try:
+            group = zarr.open_group(partial, mode="r+")
+            if group.attrs.get("call_hash") == call_hash:
+                done = int(group.attrs.get("units_done", 0))
+                log(f"resuming the Gram stage in {partial} after {done} units")
+                return group, done
+        except Exception:  # an unreadable partial store is rebuilt, never trusted
+            pass
+        shutil.rmtree(partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    group = zarr.open_group(partial, mode="w", zarr_format=3)
+    group.attrs.update(
+        {"kind": GRAM_KIND, "call_hash": call_hash, "units_done": 0, "complete": False}
+    )
+    return group, 0
+
+
+class _Flusher:
+    """Holds computed (layer, block) Grams and writes them to the partial store in batches:
+    one Zarr call per layer and flush, `units_done` recorded only after every layer's write."""
+
+    def __init__(self, group: zarr.Group, seconds: float, max_bytes: int):
+        self.group = group
+        self.seconds = seconds
+        self.max_bytes = max_bytes
+        self.pending: dict[str, dict[int, np.ndarray]] = {}
+        self.bytes = 0
+        self.last = time.monotonic()
+
+    def add(self, name: str, block: int, k: np.ndarray) -> None:
+        self.pending.setdefault(name, {})[block] = k
+        self.bytes += k.nbytes
+
+    def maybe_flush(self, units_done: int) -> None:
+        if self.bytes >= self.max_bytes or time.monotonic() - self.last >= self.seconds:
+            self.flush(units_done)
+
+    def flush(self, units_done: int) -> None:
+        for name, blocks in self.pending.items():
+            array = self.group[name]
+            ids = sorted(blocks)
+            # consecutive blocks go in one call (Zarr writes their chunks concurrently)
+            for lo, hi in _runs(ids):
+                values = np.zeros((hi - lo, *array.shape[1:]))
+                for i in range(lo, hi):
+                    m = blocks[i].shape[0]
+                    values[i - lo, :m, :m] = blocks[i]
+                array[lo:hi] = values
+        self.group.attrs["units_done"] = units_done
+        self.pending.clear()
+        self.bytes = 0
+        self.last = time.monotonic()
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as half-open ranges of consecutive ids."""
+    out: list[tuple[int, int]] = []
+    for i in ids:
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out
+
+
+def _layer_groups(features: dict[str, int], n: int, memory_bytes: int) -> list[list[str]]:
+    """Layers in registry order, grouped so that each group's float32 rows fit the budget
+    (a layer wider than the budget alone is a group of its own)."""
+    groups: list[list[str]] = []
+    used = 0
+    for name, width in features.items():
+        size = n * width * 4
+        if groups and used + size <= memory_bytes:
+            groups[-1].append(name)
+            used += size
+        else:
+            groups.append([name])
+            used = size
+    return groups
+
+
+def fused_gram_store(
+    model_path: str | Path,
+    data_path: str | Path,
+    view: str,
+    out: str | Path,
+    *,
+    estimator: str = "minibatch",
+    batch_size: int = 256,
+    passes: int = 1,
+    seed: int = 0,
+    layers: list[str] | None = None,
+    examples: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    channels_last: bool | str = "auto",
+    memory_bytes: int = MEMORY_BYTES,
+    flush_s: float = FLUSH_SECONDS,
+    flush_bytes: int = FLUSH_BYTES,
+    log=print,
+) -> Path:
+    """Gram statistics of the selected layers (default all) of a trained run on one eval view
+    (its first `examples` examples, default all), computed during the forward pass.
+
+    precision / channels_last: the forward pass's autocast and memory format
+    (`ckaflow.models.forward_settings`); the Gram products run in float32 and every sum in
+    float64 whatever the precision.
+    """
+    import torch
+
+    from ckaflow.data import open_prepared
+    from ckaflow.models import forward_settings, record_layers, resolve_device
+    from ckaflow.train.loop import load_network
+
+    check_passes_config(estimator, passes, seed)
+    dev = resolve_device(device)
+    amp, cl = forward_settings(precision, channels_last, dev)
+    net, meta = load_network(model_path)
+    net = net.to(dev)
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    data = open_prepared(data_path)
+    view_array = data.group[f"views/{view}"]
+    n = view_array.shape[0] if examples is None else min(examples, view_array.shape[0])
+    registry = net.registry()
+    wanted = [layer.name for layer in registry] if layers is None else list(layers)
+    unknown = sorted(set(wanted) - {layer.name for layer in registry})
+    if unknown:
+        raise StoreError(f"{model_path}: the model has no layers {unknown}")
+    chosen = [layer for layer in registry if layer.name in wanted]
+    names = [layer.name for layer in chosen]
+    # the view's uint8 pixels (3 KB per CIFAR image) moved to the device once
+    pixels = torch.from_numpy(np.asarray(view_array[:n])).to(dev)
+    where = f"{model_path} on {view}"
+
+    def forward(rows) -> None:
+        if not isinstance(rows, slice):
+            rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev)
+        x = data.normalise(pixels[rows].float() / 255)
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=amp) if amp else contextlib.nullcontext():
+            net(x)
+
+    if estimator == "minibatch":
+        blocks = partition(n, batch_size, passes, seed)
+    else:
+        blocks = [np.arange(s.start, s.stop) for s in block_sizes(estimator, n, batch_size)]
+    block_rows = tuple(len(rows) for rows in blocks)
+    size = max(block_rows)
+
+    # feature counts from one example
+    with torch.no_grad(), record_layers(net, names) as probe:
+        forward(slice(0, 1))
+    features = {name: int(probe[name].shape[1]) for name in names}
+    groups = [names] if estimator == "minibatch" else _layer_groups(features, n, memory_bytes)
+
+    call_hash = stable_hash(
+        [
+            meta["spec_hash"],
+            data.attrs["spec_hash"],
+            view,
+            n,
+            names,
+            estimator,
+            block_rows,
+            passes,
+            seed,
+            str(amp),
+            cl,
+        ]
+    )
+    out = Path(out)
+    partial = out.with_name(f".{out.name}.partial")
+    group, done = _open_partial(partial, call_hash, log)
+    for name in names:
+        if name not in group:
+            group.create_array(
+                name,
+                shape=(len(blocks), size, size),
+                chunks=(1, size, size),
+                dtype="float64",
+                config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
+            )
+    flusher = _Flusher(group, flush_s, flush_bytes)
+    work = _Workspace(dev)
+    t0, last_log = time.monotonic(), time.monotonic()
+
+    with torch.no_grad():
+        if estimator == "minibatch":
+            grams: dict = {}
+
+            def sink(name: str, tensor) -> None:  # the Gram stays on the device until the
+                t = work.centred(tensor, None)  # block is done: one transfer per block
+                grams[name] = t @ t.T
+
+            with record_layers(net, names, sink=sink):
+                for i in range(done, len(blocks)):
+                    forward(blocks[i])
+                    stacked = torch.stack([grams.pop(name) for name in names])
+                    for name, k in zip(names, stacked.double().cpu().numpy(), strict=True):
+                        if not np.isfinite(k).all():
+                            raise _non_finite(name, where, blocks[i])
+                        flusher.add(name, i, k)
+                    flusher.maybe_flush(i + 1)
+                    if time.monotonic() - last_log >= 30:
+                        rate = (i + 1 - done) * size / (time.monotonic() - t0)
+                        log(f"block {i + 1}/{len(blocks)}, {rate:.0f} images/s")
+                        last_log = time.monotonic()
+            flusher.flush(len(blocks))
+        else:
+            for g in range(done, len(groups)):
+                held = {name: torch.empty((n, features[name])) for name in groups[g]}
+                state = {"offset": 0}
+
+                def keep(name: str, tensor, held=held, state=state) -> None:
+                    held[name][state["offset"] : state["offset"] + len(tensor)].copy_(tensor)
+
+                with record_layers(net, groups[g], sink=keep):
+                    for start in range(0, n, batch_size):
+                        state["offset"] = start
+                        forward(slice(start, min(start + batch_size, n)))
+                for name in groups[g]:
+                    s = gram_stats(
+                        held.pop(name).numpy(),
+                        estimator=estimator,
+                        batch_size=batch_size,
+                        device=str(dev),
+                        name=f"{where} layer {name}",
+                    )
+                    flusher.add(name, 0, s.grams[0])
+                flusher.flush(g + 1)
+                log(f"layer group {g + 1}/{len(groups)} done")
+
+    seeded = passes > 1  # one pass needs no seed (stats.GramStats)
+    group.attrs.update(
+        provenance(
+            kind=GRAM_KIND,
+            estimator=estimator,
+            block_rows=list(block_rows),
+            passes=passes,
+            partition_seed=int(seed) if seeded else None,
+            partition_digest=partition_digest(blocks) if seeded else None,
+            run=meta["run"],
+            run_spec=meta["run_spec"],
+            view=view,
+            layers=[layer.as_dict() for layer in chosen],
+            example_ids=data.group["eval/ids"][:n].tolist(),
+            model_spec_hash=meta["spec_hash"],
+            data_spec_hash=data.attrs["spec_hash"],
+            source=str(model_path),
+            precision=str(amp).replace("torch.", "") if amp else "float32",
+            channels_last=cl,
+        )
+    )
+    group.attrs["complete"] = True  # last: only now is the store whole
+    replace_into_place(partial, out)
+    log(f"{out}: {len(names)} layers, {len(blocks)} blocks in {time.monotonic() - t0:.1f} s")
+    return out

@@ -1,0 +1,177 @@
+"""The fused Gram stage: statistics during the forward pass equal the store-then-Gram path's."""
+
+from __future__ import annotations
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from ckaflow.cka.fused import _Flusher, fused_gram_store
+from ckaflow.cka.gram import gram_store, load_stats, open_gram
+from ckaflow.cka.stats import cka_between
+from ckaflow.errors import ConfigError, StoreError
+from tests.conftest import BIN, ENV
+
+
+def _stats(path):
+    store = open_gram(path)
+    names = [layer["name"] for layer in store.layers]
+    return names, load_stats(store, names)
+
+
+def _fused(trained, prepared, out, **kwargs):
+    kwargs = {"estimator": "minibatch", "batch_size": 64, "device": "cpu", **kwargs}
+    return fused_gram_store(trained["simclr"], prepared, "clean", out, log=print, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "estimator,passes",
+    [("minibatch", 1), ("minibatch", 3), ("linear", 1), ("debiased", 1), ("rbf", 1)],
+)
+def test_fused_equals_store_then_gram(activations, trained, prepared, tmp_path, estimator, passes):
+    """Real model, real images: the stored path extracted every layer with forward batches of
+    50 rows into 64-row chunks; the fused stage forwards 64-row blocks (or permuted blocks for
+    passes > 1) and never stores an activation. Same statistics, same CKA of every pair."""
+    stored = gram_store(
+        activations[("simclr", "clean")], tmp_path / "s.zarr", estimator, 64, "cpu", passes, 7
+    )
+    fused = _fused(
+        trained, prepared, tmp_path / "f.zarr", estimator=estimator, passes=passes, seed=7
+    )
+    names_s, s = _stats(stored)
+    names_f, f = _stats(fused)
+    assert names_s == names_f and len(names_f) > 20
+    meta_s, meta_f = open_gram(stored).attrs, open_gram(fused).attrs
+    for key in ("block_rows", "passes", "partition_seed", "partition_digest", "example_ids"):
+        assert meta_s[key] == meta_f[key], key
+    for a, b in zip(s, f, strict=True):
+        assert b.grams.dtype == np.float64
+        np.testing.assert_allclose(b.grams, a.grams, rtol=1e-9, atol=0)
+    cka_s, cka_f = cka_between(s, s), cka_between(f, f)
+    assert np.isfinite(cka_f).all()
+    assert np.nanmax(np.abs(cka_s - cka_f)) <= 1e-10
+    assert np.abs(np.diag(cka_between(s, f)) - 1).max() <= 1e-10
+
+
+def test_full_data_layer_groups_change_nothing(trained, prepared, tmp_path):
+    """A memory budget too small for two layers makes one forward pass per layer: same bits."""
+    one = _fused(trained, prepared, tmp_path / "one.zarr", estimator="linear")
+    many = _fused(trained, prepared, tmp_path / "many.zarr", estimator="linear", memory_bytes=1)
+    for a, b in zip(_stats(one)[1], _stats(many)[1], strict=True):
+        np.testing.assert_array_equal(a.grams, b.grams)
+
+
+def test_bf16_channels_last_forward_on_the_cpu(trained, prepared, tmp_path):
+    """The GPU's forward settings, rehearsed on the CPU: bf16 autocast and channels-last memory.
+    The statistics stay float64 and close to float32's, and differ from them (so the settings
+    did take effect)."""
+    fp32 = _fused(trained, prepared, tmp_path / "fp32.zarr", examples=128)
+    bf16 = _fused(
+        trained,
+        prepared,
+        tmp_path / "bf16.zarr",
+        examples=128,
+        precision="bf16",
+        channels_last=True,
+    )
+    attrs = open_gram(bf16).attrs
+    assert attrs["precision"] == "bfloat16" and attrs["channels_last"] is True
+    assert open_gram(fp32).attrs["precision"] == "float32"
+    a, b = _stats(fp32)[1], _stats(bf16)[1]
+    assert all(s.grams.dtype == np.float64 for s in b)
+    diag = np.diag(cka_between(a, b))
+    assert diag.min() > 0.99, diag
+    assert diag.min() < 1 - 1e-6  # bf16 activations are not float32's
+
+
+def test_fused_resumes_after_a_crash(trained, prepared, tmp_path, monkeypatch, capsys):
+    """Killed after two flushes (one per block here), the stage resumes after block 2 and ends
+    with the statistics of an uninterrupted run."""
+    whole = _fused(trained, prepared, tmp_path / "whole.zarr", passes=2, seed=3)
+    flush = _Flusher.flush
+    calls = {"n": 0}
+
+    def crash_after_two(self, units_done):
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("killed")
+        calls["n"] += 1
+        flush(self, units_done)
+
+    monkeypatch.setattr(_Flusher, "flush", crash_after_two)
+    out = tmp_path / "g.zarr"
+    with pytest.raises(KeyboardInterrupt):
+        _fused(trained, prepared, out, passes=2, seed=3, flush_s=0)
+    assert not out.exists() and (tmp_path / ".g.zarr.partial").exists()
+    monkeypatch.setattr(_Flusher, "flush", flush)
+    capsys.readouterr()
+    _fused(trained, prepared, out, passes=2, seed=3, flush_s=0)
+    assert "after 2 units" in capsys.readouterr().out
+    assert not (tmp_path / ".g.zarr.partial").exists()
+    for a, b in zip(_stats(whole)[1], _stats(out)[1], strict=True):
+        np.testing.assert_array_equal(a.grams, b.grams)
+
+
+def test_a_changed_call_does_not_resume(trained, prepared, tmp_path, capsys):
+    """A partial store of other settings is rebuilt, never continued."""
+    out = tmp_path / "g.zarr"
+    _fused(trained, prepared, out, passes=2, seed=3)
+    out.rename(tmp_path / ".g.zarr.partial")  # looks like a partial store of seed 3
+    capsys.readouterr()
+    _fused(trained, prepared, out, passes=2, seed=4)
+    assert "resuming" not in capsys.readouterr().out
+    assert open_gram(out).attrs["partition_seed"] == 4
+
+
+def test_non_finite_activations_name_the_layer(trained, prepared, tmp_path):
+    state = torch.load(trained["supervised"], weights_only=False)
+    key = "encoder.layer2.0.conv1.weight"
+    state["model"][key] = torch.full_like(state["model"][key], float("nan"))
+    bad = tmp_path / "bad.pt"
+    torch.save(state, bad)
+    with pytest.raises(StoreError, match="layer2.0.relu1: non-finite"):
+        fused_gram_store(bad, prepared, "clean", tmp_path / "g.zarr", batch_size=64, device="cpu")
+    assert not (tmp_path / "g.zarr").exists()
+
+
+def test_bad_requests_are_refused(trained, prepared, tmp_path):
+    with pytest.raises(StoreError, match="no layers"):
+        _fused(trained, prepared, tmp_path / "g.zarr", layers=["layer9.0.out"])
+    with pytest.raises(ConfigError, match="minibatch"):
+        _fused(trained, prepared, tmp_path / "g.zarr", estimator="linear", passes=2)
+    cmd = [str(BIN / "ckaflow"), "gram", "--out", str(tmp_path / "g.zarr"), "--view", "clean"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 2
+    assert "needs --source, or --model, --data and --view" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_fused_stage(trained, prepared, tmp_path):
+    """`ckaflow gram --model --data --view` (the workflow's call) gives the library's store."""
+    out = tmp_path / "cli.zarr"
+    spec = '{"layers": ["layer1.0.out", "pool"], "examples": 100}'
+    cmd = [
+        *(str(BIN / "ckaflow"), "gram", "--model", str(trained["simclr"])),
+        *("--data", str(prepared), "--view", "aug1", "--out", str(out)),
+        *("--batch-size", "32", "--passes", "2", "--seed", "1", "--spec", spec),
+        *("--device", "cpu", "--backend", "local"),
+    ]
+    subprocess.run(cmd, check=True, env=ENV)
+    ref = fused_gram_store(
+        trained["simclr"],
+        prepared,
+        "aug1",
+        tmp_path / "ref.zarr",
+        batch_size=32,
+        passes=2,
+        seed=1,
+        layers=["layer1.0.out", "pool"],
+        examples=100,
+        device="cpu",
+    )
+    names, got = _stats(out)
+    assert names == ["layer1.0.out", "pool"]
+    assert open_gram(out).attrs["block_rows"] == [32, 32, 32, 4] * 2
+    for a, b in zip(_stats(ref)[1], got, strict=True):
+        np.testing.assert_array_equal(a.grams, b.grams)
