@@ -86,6 +86,29 @@ def test_bf16_channels_last_forward_on_the_cpu(trained, prepared, tmp_path):
     assert diag.min() < 1 - 1e-6  # bf16 activations are not float32's
 
 
+def test_gram_products_are_float32_under_bf16_autocast(trained, prepared, tmp_path):
+    """The forward runs in bf16, the Gram product must not: the stored Gram of a block equals
+    the float32 product of that block's (bf16) activations, centred, to float32 precision."""
+    from ckaflow.data import open_prepared
+    from ckaflow.models import record_layers
+    from ckaflow.train.loop import load_network
+
+    layer = "layer3.0.relu1"
+    out = _fused(trained, prepared, tmp_path / "g.zarr", precision="bf16", layers=[layer])
+    net, _ = load_network(trained["simclr"])
+    data = open_prepared(prepared)
+    pixels = torch.from_numpy(data.group["views/clean"][:64])
+    bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
+    with torch.no_grad(), record_layers(net, [layer]) as seen, bf16:
+        net(data.normalise(pixels.float() / 255))
+    x = seen[layer]
+    assert x.dtype == torch.bfloat16
+    x = x.float() - x.float().mean(0)
+    want = (x @ x.T).double().numpy()
+    got = _stats(out)[1][0].grams[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_fused_resumes_after_a_crash(trained, prepared, tmp_path, monkeypatch, capsys):
     """Killed after two flushes (one per block here), the stage resumes after block 2 and ends
     with the statistics of an uninterrupted run."""

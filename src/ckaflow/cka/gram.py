@@ -76,6 +76,7 @@ def write_gram_store(
                 shape=s.grams.shape,
                 chunks=(1, *s.grams.shape[1:]),
                 dtype="float64",
+                compressors=None,  # as the fused stage writes them (zstd only halved them)
                 config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
             )
             arr[...] = s.grams
