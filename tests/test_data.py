@@ -149,3 +149,20 @@ def test_cifar10_label_out_of_range_is_refused(cifar_root):
     _write_cifar_batch(root / "cifar-10-batches-py" / "test_batch", [(samples[0][0], 12)])
     with pytest.raises(DatasetError, match="label 12 is out of range"):
         data.load_cifar10(root)
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused(cifar_root):
+    """The batches are pickles: one that asks for anything but arrays, lists and strings is
+    refused before it can build it (here: open(), which would create a file)."""
+    root, _ = cifar_root
+    marker = root / "pwned"
+
+    class Trap:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(root / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": Trap(), "labels": [0]}, f, protocol=2)
+    with pytest.raises(DatasetError, match="refused to build io.open"):
+        data.load_cifar10(root)
+    assert not marker.exists()

@@ -139,10 +139,34 @@ def _cifar_folder(root: Path) -> Path:
     )
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """CIFAR-10's python batches (torchvision's on-disk format, as published by its authors)
+    are pickles of a dict of NumPy arrays, lists and strings: only what rebuilds those may be
+    looked up, so a file put in their place cannot run code when read."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy._core.numeric", "_frombuffer"),  # arrays pickled with protocol 5
+        ("numpy.core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(
+                f"refused to build {module}.{name}: a CIFAR-10 batch holds only arrays, lists "
+                "and strings (a file that asks for more could run code)"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="latin1")
+            entry = _CifarUnpickler(f, encoding="latin1").load()
         images = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(entry.get("labels", entry.get("fine_labels")), dtype=np.int64)
     except (OSError, pickle.UnpicklingError, KeyError, ValueError, TypeError, EOFError) as err:

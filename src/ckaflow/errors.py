@@ -28,3 +28,8 @@ class CheckpointError(CkaflowError, RuntimeError):
 
 class TableError(CkaflowError, ValueError):
     """CKA tiles or tables that cannot be merged (missing, from an older schema, overlapping)."""
+
+
+class UnsafeFileError(CheckpointError):
+    """A file whose unpickling would build arbitrary Python objects (and so could run code):
+    refused, never loaded; not mere damage, so no stage silently replaces it."""

@@ -81,12 +81,9 @@ def _order(attrs: dict, name: str) -> tuple[int, str]:
 
 
 def describe_checkpoint(path: Path) -> str:
-    import torch
+    from ckaflow.train.checkpoint import read_state
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file
-        raise CkaflowError(f"{path}: not a readable checkpoint ({err})") from err
+    state = read_state(path)  # weights only: inspecting a file never runs code from it
     lines = [f"{path}: PyTorch checkpoint, {_human(_size(path))}"]
     meta = state.get("meta") if isinstance(state, dict) else None
     if meta:

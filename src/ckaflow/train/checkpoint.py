@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ckaflow.errors import CheckpointError
+from ckaflow.errors import CheckpointError, UnsafeFileError
 from ckaflow.provenance import atomic_path
 
 
@@ -22,13 +22,33 @@ TRAINING_KEYS = (
 )  # fmt: skip
 
 
+def read_state(path: Path):
+    """Unpickle a PyTorch file with `weights_only=True`: tensors, numbers, strings and plain
+    containers only, so loading a file from elsewhere never runs code from it. ckaflow's own
+    checkpoints and models hold nothing else."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err):
+            raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+        found = re.search(r"GLOBAL (\S+)", str(err))  # the first object it would build
+        what = f" such as {found.group(1)}" if found else ""
+        raise UnsafeFileError(
+            f"{path}: refused: it holds Python objects{what} beyond tensors and plain values, "
+            "whose unpickling could run code; ckaflow loads weights only. Re-save it as a "
+            "state_dict of tensors if you trust where it came from"
+        ) from err
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+
+
 def load(
     path: Path, expect_spec_hash: str | None = None, expect_keys: tuple[str, ...] = ("model",)
 ) -> dict:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    state = read_state(path)
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path}: not a ckaflow checkpoint (no model state)")
     missing = [key for key in expect_keys if key not in state]

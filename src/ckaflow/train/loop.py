@@ -21,7 +21,7 @@ from ckaflow import evaluate
 from ckaflow.augment import hash_seed, take_rows
 from ckaflow.config import AugmentSpec, ModelSpec, RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
-from ckaflow.errors import CheckpointError
+from ckaflow.errors import CheckpointError, UnsafeFileError
 from ckaflow.models import Network, forward_settings, resolve_device
 from ckaflow.provenance import atomic_path, provenance
 from ckaflow.train import checkpoint, distributed
@@ -160,6 +160,8 @@ def train_run(
             state = checkpoint.load(
                 ckpt_path, expect_spec_hash=spec_hash, expect_keys=checkpoint.TRAINING_KEYS
             )
+        except UnsafeFileError:
+            raise  # not damage: a file that is not ours sits where our checkpoint belongs
         except CheckpointError as err:
             log(f"ignoring checkpoint: {err}")
         else:
