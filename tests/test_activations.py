@@ -81,7 +81,7 @@ def test_half_precision_stores_hold_the_rounded_values(
         full = torch.from_numpy(reference_store[name][...])
         rounded = full.to(getattr(torch, dtype)).float().numpy()
         got = store[name][...]
-        assert got.dtype == np.float32 if dtype == "bfloat16" else np.float16
+        assert got.dtype == (np.float32 if dtype == "bfloat16" else np.float16)
         np.testing.assert_array_equal(got.astype(np.float32), rounded)
     # Gram statistics are exact to the stored values: streaming equals the decoded array
     layer = store["layer2.1.out"]

@@ -29,7 +29,7 @@ def test_training_writes_model_and_metrics(trained):
         metrics = pd.read_parquet(model_path.parent / "metrics.parquet")
         assert metrics["loss"].notna().all() and (metrics["loss"] > 0).all()
         assert 0 <= metrics["knn_accuracy"].iloc[-1] <= 1
-        assert not (model_path.parent / ".model.pt.partial").exists()
+        assert not list(model_path.parent.glob(".*.partial*"))  # atomic_path's scratch names
 
 
 def _weights(path):

@@ -19,7 +19,6 @@ import yaml
 
 from ckaflow.errors import ConfigError
 
-METHODS = ("simclr", "supervised")
 VIEWS = ("clean", "aug1", "aug2")
 # image shape (C, H, W) and class count of each data set, known before any data is read
 DATASET_SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}

@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
@@ -56,7 +56,6 @@ class GramStats:
     passes: int = 1
     partition_seed: int | None = None
     digest: str | None = None
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def blocks_per_pass(self) -> int:

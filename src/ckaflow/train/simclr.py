@@ -10,8 +10,6 @@ from ckaflow.train.losses import nt_xent
 
 
 class SimCLR:
-    name = "simclr"
-
     def __init__(self, recipe: RecipeSpec, aug: AugmentSpec):
         self.recipe = recipe
         self.aug = aug

@@ -10,8 +10,6 @@ from ckaflow.config import AugmentSpec, RecipeSpec
 
 
 class Supervised:
-    name = "supervised"
-
     def __init__(self, recipe: RecipeSpec, aug: AugmentSpec):
         self.recipe = recipe
 
