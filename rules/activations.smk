@@ -5,7 +5,7 @@ rule extract:
         model=lambda w: STUDY.model(w.run),
         data=STUDY.data_store(),
     output:
-        directory("results/activations/{run}/{view}.zarr"),
+        directory(STUDY.activations("{run}", "{view}")),
     params:
         store=lambda w: spec(STUDY.store_spec(Side(w.run, w.view))),
         batch_size=config["activations"]["batch_size"],
@@ -13,7 +13,7 @@ rule extract:
         device=config["device"],
     threads: 2
     log:
-        "results/logs/extract/{run}.{view}.log",
+        STUDY.log("extract", "{run}.{view}"),
     conda:
         CONDA_ENV
     shell:

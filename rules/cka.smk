@@ -5,7 +5,7 @@ rule gram:
         model=lambda w: STUDY.model(w.run),
         data=STUDY.data_store(),
     output:
-        directory("results/gram/{run}/{view}.zarr"),
+        directory(STUDY.gram(Side("{run}", "{view}"))),
     params:
         estimator=STUDY.cka.estimator,
         batch_size=STUDY.cka.batch_size,
@@ -15,7 +15,7 @@ rule gram:
         device=config["device"],
     threads: 2
     log:
-        "results/logs/gram/{run}.{view}.log",
+        STUDY.log("gram", "{run}.{view}"),
     conda:
         CONDA_ENV
     shell:
@@ -30,7 +30,7 @@ rule gram_labels:
     input:
         STUDY.data_store(),
     output:
-        directory("results/gram/labels.zarr"),
+        directory(STUDY.gram(Side(LABELS, LABELS))),
     params:
         estimator=STUDY.cka.estimator,
         batch_size=STUDY.cka.batch_size,
@@ -38,7 +38,7 @@ rule gram_labels:
         seed=config["data"]["seed"],
         examples=STUDY.examples or 0,
     log:
-        "results/logs/gram/labels.log",
+        STUDY.log("gram", LABELS),
     conda:
         CONDA_ENV
     shell:
@@ -53,7 +53,7 @@ rule cka_tile:
         a=lambda w: STUDY.gram(STUDY.comparisons[w.comparison].a),
         b=lambda w: STUDY.gram(STUDY.comparisons[w.comparison].b),
     output:
-        "results/cka/{comparison}/{tile}.parquet",
+        STUDY.tile_path(),
     params:
         kind=lambda w: STUDY.comparisons[w.comparison].kind,
         rows=lambda w: tile_range(w, "rows"),
@@ -62,7 +62,7 @@ rule cka_tile:
         bootstrap=STUDY.cka.bootstrap,
         seed=config["data"]["seed"],
     log:
-        "results/logs/cka/{comparison}.{tile}.log",
+        STUDY.log("cka", "{comparison}.{tile}"),
     conda:
         CONDA_ENV
     shell:

@@ -5,7 +5,7 @@ rule prepare_data:
     params:
         spec=spec({"data": to_jsonable(STUDY.data), "augment": to_jsonable(STUDY.augment)}),
     log:
-        "results/logs/prepare_data.log",
+        STUDY.log("prepare_data", "data"),
     conda:
         CONDA_ENV
     shell:

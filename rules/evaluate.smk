@@ -1,16 +1,16 @@
 rule evaluate:
     """Linear probes of one run at every layer, and of its untrained network (the baseline)."""
     input:
-        model="results/runs/{run}/model.pt",
+        model=STUDY.model("{run}"),
         data=STUDY.data_store(),
     output:
-        "results/runs/{run}/probes.parquet",
+        STUDY.probes("{run}"),
     params:
         spec=spec(config["evaluate"]),
         device=config["device"],
     threads: 2
     log:
-        "results/logs/evaluate/{run}.log",
+        STUDY.log("evaluate", "{run}"),
     conda:
         CONDA_ENV
     shell:
@@ -25,10 +25,11 @@ rule run_tables:
     output:
         STUDY.run_tables(),
     params:
-        runs=[f"results/runs/{run}" for run in STUDY.runs],
+        runs=[STUDY.run_dir(run) for run in STUDY.runs],
+        out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
-        "results/logs/run_tables.log",
+        STUDY.log("run_tables", "runs"),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow run-tables --out-dir results/tables {params.runs} > {log} 2>&1"
+        "ckaflow run-tables --out-dir {params.out_dir} {params.runs} > {log} 2>&1"

@@ -3,12 +3,12 @@ rule merge_tables:
     input:
         [STUDY.tile_path(t) for t in STUDY.all_tiles()],
     output:
-        parquet="results/tables/cka.parquet",
-        csv="results/tables/cka.csv",
+        parquet=STUDY.table("cka"),
+        csv=STUDY.table("cka", "csv"),
     params:
         config_hash=CONFIG_HASH,
     log:
-        "results/logs/merge_tables.log",
+        STUDY.log("merge_tables", "cka"),
     conda:
         CONDA_ENV
     shell:
@@ -19,8 +19,8 @@ rule merge_tables:
 rule figures:
     """Heatmaps, curves against depth and probe accuracy, as PNG and PDF."""
     input:
-        cka="results/tables/cka.parquet",
-        probes="results/tables/probes.parquet",
+        cka=STUDY.table("cka"),
+        probes=STUDY.table("probes"),
     output:
         [
             report(path, caption=figure_caption(path), category=figure_category(path))
@@ -30,28 +30,29 @@ rule figures:
         ],
     params:
         style=spec(config["plots"]),
+        out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
-        "results/logs/figures.log",
+        STUDY.log("figures", "figures"),
     conda:
         CONDA_ENV
     shell:
         "ckaflow plot --table {input.cka} --probes {input.probes} --style {params.style}"
-        " --out-dir results/figures > {log} 2>&1"
+        " --out-dir {params.out_dir} > {log} 2>&1"
 
 
 rule summary:
     """The paper's claims, each a sentence with this run's numbers and a verdict."""
     input:
-        cka="results/tables/cka.parquet",
-        probes="results/tables/probes.parquet",
+        cka=STUDY.table("cka"),
+        probes=STUDY.table("probes"),
     output:
         summary=report(
-            "results/summary.md", caption="../workflow/report/summary.rst", category="Summary"
+            STUDY.summary(), caption="../workflow/report/summary.rst", category="Summary"
         ),
-        claims="results/tables/claims.parquet",
-        claims_csv="results/tables/claims.csv",
+        claims=STUDY.table("claims"),
+        claims_csv=STUDY.table("claims", "csv"),
     log:
-        "results/logs/summary.log",
+        STUDY.log("summary", "summary"),
     conda:
         CONDA_ENV
     shell:

@@ -3,18 +3,19 @@ rule train:
     input:
         data=STUDY.data_store(),
     output:
-        model="results/runs/{run}/model.pt",
-        metrics="results/runs/{run}/metrics.parquet",
+        model=STUDY.model("{run}"),
+        metrics=STUDY.metrics("{run}"),
     params:
         spec=lambda w: spec(
             {"run": to_jsonable(STUDY.runs[w.run]), "augment": to_jsonable(STUDY.augment)}
         ),
         device=config["device"],
+        out_dir=lambda w: STUDY.run_dir(w.run),
     threads: 2
     log:
-        "results/logs/train/{run}.log",
+        STUDY.log("train", "{run}"),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow train --spec {params.spec} --data {input.data} --out-dir results/runs/{wildcards.run}"
+        "ckaflow train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
         " --device {params.device} --threads {threads} > {log} 2>&1"

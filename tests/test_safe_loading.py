@@ -81,3 +81,14 @@ def test_training_refuses_to_resume_from_it(booby_trapped, prepared, tmp_path):
     ]
     _refused(cmd, marker)
     assert not (run_dir / "model.pt").exists()
+
+
+def test_a_damaged_file_is_damage_not_a_threat(tmp_path):
+    """Bytes that are no pickle at all: "not a readable checkpoint", not "refused"."""
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"not a checkpoint")
+    result = subprocess.run(
+        [str(BIN / "ckaflow"), "inspect", str(bad)], capture_output=True, text=True, env=ENV
+    )
+    assert result.returncode == 2
+    assert "not a readable checkpoint" in result.stderr and "refused" not in result.stderr

@@ -390,3 +390,93 @@ def test_killed_workflow_reattaches_to_its_running_job(cluster, tmp_path):
     trains = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
     assert trains["id"].tolist() == [job_id]
     assert (workdir / "results" / "tables" / "cka.parquet").exists()
+
+
+def _sacct_times(since: str, name: str) -> pd.DataFrame:
+    """id, state, start and end of the jobs called `name` since `since`, from accounting."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-S", since, "--name", name, "-o", "JobIDRaw,State,Start,End"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return pd.DataFrame(rows, columns=["id", "state", "start", "end"])
+
+
+@pytest.mark.timeout(300)
+def test_a_restart_with_other_execution_settings_reattaches(cluster, slow_data, tmp_path):
+    """Snakemake restarted mid-training with a longer time limit and another checkpoint policy:
+    the running job is the same computation, so it is reattached to (the change is logged and
+    applies to the next submission), and there is one job for the run in accounting."""
+    from ckaflow.train.loop import CheckpointPolicy
+
+    since = _since()
+    run, aug = _supervised(epochs=6)
+    out_dir, records, first_lines = tmp_path / "run", tmp_path / "records", []
+    first, _ = _train_in_thread(run, aug, slow_data, out_dir, records, _spec(), first_lines)
+    _wait_for(lambda: _checkpoint_epoch(out_dir) >= 1, 120, "an epoch on SLURM")
+    job_id = _record(records)["job_id"]
+    lines: list[str] = []
+    path = run_stage(  # the restarted workflow: other time limit, other checkpoint policy
+        "train",
+        train_run,
+        {
+            **{"run": run, "aug": aug, "data_path": slow_data, "out_dir": out_dir},
+            **{"device": "cpu", "policy": CheckpointPolicy(every_steps=5)},
+        },
+        backend="slurm",
+        key=str(out_dir),
+        slurm=_spec(time_min=20),
+        log=lines.append,
+        records=records,
+    )
+    first.join(60)
+    assert any(f"reattaching to SLURM job {job_id}" in line for line in lines), lines
+    changed = next(line for line in lines if "execution settings changed" in line)
+    assert "slurm.time_min: 10 -> 20" in changed and "'every_steps': 5" in changed
+    name = f"ckaflow-train:{out_dir}"
+    jobs = _sacct_times(since, name)
+    assert jobs["id"].tolist() == [job_id], jobs
+    assert pd.read_parquet(out_dir / "metrics.parquet")["epoch"].tolist() == list(range(1, 7))
+    assert path == out_dir / "model.pt"
+
+
+@pytest.mark.timeout(420)
+def test_a_restart_with_another_recipe_cancels_the_old_job_first(cluster, slow_data, tmp_path):
+    """Snakemake restarted mid-training after a recipe change: the old job computes the same
+    output for other settings, so it is cancelled, and ends, before the new job starts (accounting
+    times); the final model is the new recipe's."""
+    since = _since()
+    run, aug = _supervised(epochs=8)
+    new_run, _ = _supervised(epochs=3)
+    out_dir, records, first_lines = tmp_path / "run", tmp_path / "records", []
+    first, first_box = _train_in_thread(run, aug, slow_data, out_dir, records, _spec(), first_lines)
+    _wait_for(lambda: _checkpoint_epoch(out_dir) >= 1, 120, "an epoch on SLURM")
+    old_id = _record(records)["job_id"]
+    lines: list[str] = []
+    run_stage(
+        "train",
+        train_run,
+        {"run": new_run, "aug": aug, "data_path": slow_data, "out_dir": out_dir, "device": "cpu"},
+        backend="slurm",
+        key=str(out_dir),
+        slurm=_spec(),
+        log=lines.append,
+        records=records,
+    )
+    first.join(60)
+    assert isinstance(first_box.get("error"), StageFailed)  # the old workflow's wait: cancelled
+    assert any(f"SLURM job {old_id}" in line and "cancelling it" in line for line in lines)
+    new_id = _record(records)["job_id"]
+    assert new_id != old_id
+    name = f"ckaflow-train:{out_dir}"
+    jobs = _sacct_times(since, name).set_index("id")
+    assert set(jobs.index) == {old_id, new_id}, jobs
+    assert jobs.loc[old_id, "state"].startswith("CANCELLED")
+    assert jobs.loc[new_id, "state"] == "COMPLETED"
+    assert jobs.loc[old_id, "end"] <= jobs.loc[new_id, "start"]  # ISO times: string order
+    meta = torch.load(out_dir / "model.pt", weights_only=True)["meta"]
+    assert meta["run_spec"]["recipe"]["epochs"] == 3
+    assert pd.read_parquet(out_dir / "metrics.parquet")["epoch"].tolist() == [1, 2, 3]

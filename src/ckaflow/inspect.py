@@ -143,14 +143,7 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
 
         study = Study(cfg.load(config_path))
         root = path.parent
-        expected = [study.data_store()]
-        expected += study.run_files()
-        expected += study.activation_stores()
-        expected += [study.gram(side) for side in study.sides()]
-        expected += [study.tile_path(tile) for tile in study.all_tiles()]
-        expected += ["results/tables/cka.parquet", "results/tables/claims.parquet"]
-        expected += [*study.run_tables(), *study.figures()]
-        expected.append("results/summary.md")
+        expected = study.artifacts()
         missing = [p for p in expected if not (root / p).exists()]
         lines.append(
             f"  study {config_path}: {len(expected) - len(missing)} of "

@@ -39,6 +39,11 @@ ACTIVE = {
     "SIGNALING",
 }
 RECORDS = Path("results/.slurm")
+# Arguments of a stage that change how it runs, never what it writes: with the SLURM settings
+# they are left out of a job's identity (training's checkpoint policy, the Gram stage's flush
+# interval), so changing them never makes a second job for one output.
+EXECUTION_KWARGS = ("policy", "flush_s")
+CANCEL_WAIT_S = 300.0  # how long a cancelled job may take to end before the stage gives up
 
 
 STAGES = ("train", "evaluate", "extract", "gram")  # the heavy stages, each with its resources
@@ -182,8 +187,12 @@ def run_stage(
 ) -> Any:
     """Run `fn(**kwargs)` here (local) or as a SLURM job (slurm), returning its result.
 
-    `key` names the stage's output (one record per output). A record from an identical call
-    (same stage and arguments) is reattached to when its job is active or has completed.
+    `key` names the stage's output (one record per output), so there is at most one job per
+    output. A job's identity is the result-determining part of its call: the stage and its
+    arguments without the SLURM settings and `EXECUTION_KWARGS`. On a restart, a recorded job of
+    the same identity that is active or completed is reattached to (a change of execution
+    settings is logged: it applies to the next submission); one of another identity that is
+    still active is cancelled, and its end awaited, before the new job is submitted.
     """
     if backend == "local":
         return fn(**kwargs)
@@ -198,9 +207,16 @@ def run_stage(
     import submitit
 
     spec = slurm or SlurmSpec()
-    call_hash = stable_hash([stage, fn.__module__, fn.__qualname__, kwargs, asdict(spec)])
+    result_kwargs = {k: v for k, v in kwargs.items() if k not in EXECUTION_KWARGS}
+    identity = stable_hash([stage, fn.__module__, fn.__qualname__, result_kwargs])
+    execution = json.loads(
+        json.dumps(
+            {"slurm": asdict(spec), **{k: kwargs[k] for k in EXECUTION_KWARGS if k in kwargs}},
+            default=lambda v: asdict(v) if hasattr(v, "__dataclass_fields__") else str(v),
+        )
+    )
     record_path = _record_path(records, key)
-    job = _reattach(record_path, call_hash, spec, log)
+    job = _reattach(record_path, identity, execution, spec, log)
     if job is None:
         folder = records / "jobs" / stage
         executor = submitit.AutoExecutor(
@@ -214,7 +230,8 @@ def run_stage(
             "folder": str(folder),
             "stage": stage,
             "key": key,
-            "call_hash": call_hash,
+            "identity": identity,
+            "execution": execution,
             "submitted": time.time(),
         }
         with atomic_path(record_path) as scratch:
@@ -223,7 +240,9 @@ def run_stage(
     return _wait(job, spec, log)
 
 
-def _reattach(record_path: Path, call_hash: str, spec: SlurmSpec, log):
+def _reattach(record_path: Path, identity: str, execution: dict, spec: SlurmSpec, log):
+    """The recorded job to wait on instead of submitting, or None (after cancelling a job of
+    another identity that is still active: never two jobs writing one output)."""
     import submitit
 
     if not record_path.exists():
@@ -232,16 +251,58 @@ def _reattach(record_path: Path, call_hash: str, spec: SlurmSpec, log):
         record = json.loads(record_path.read_text())
     except (OSError, ValueError):
         return None
-    if record.get("call_hash") != call_hash:
-        log(f"SLURM job {record.get('job_id')} was for other settings; submitting anew")
+    job_id = record.get("job_id")
+    state = job_state(job_id, spec.query_timeout_s) if job_id else None
+    if record.get("identity") != identity:  # another computation of the same output
+        if state in ACTIVE:
+            log(
+                f"SLURM job {job_id} ({state}) computes {record.get('key')} for other settings; "
+                "cancelling it before submitting anew"
+            )
+            _cancel_and_wait(job_id, spec, log)
+        else:
+            log(f"SLURM job {job_id} was for other settings; submitting anew")
         return None
-    state = job_state(record["job_id"], spec.query_timeout_s)
     if state in ACTIVE or state == "COMPLETED":
         verb = "reattaching to" if state in ACTIVE else "taking the result of"
-        log(f"{verb} SLURM job {record['job_id']} ({state}) instead of submitting a new one")
-        return submitit.SlurmJob(folder=record["folder"], job_id=record["job_id"])
-    log(f"SLURM job {record['job_id']} ended {state}; submitting anew")
+        log(f"{verb} SLURM job {job_id} ({state}) instead of submitting a new one")
+        changed = _changed(record.get("execution") or {}, execution)
+        if changed and state in ACTIVE:
+            log(
+                f"execution settings changed since it was submitted ({', '.join(changed)}); "
+                "they apply to the next submission, not to this job"
+            )
+        return submitit.SlurmJob(folder=record["folder"], job_id=job_id)
+    log(f"SLURM job {job_id} ended {state}; submitting anew")
     return None
+
+
+def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of the leaves that differ between two nested dicts, with old -> new."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: {a} -> {b}")
+    return out
+
+
+def _cancel_and_wait(job_id: str, spec: SlurmSpec, log) -> None:
+    """scancel the job, then wait until the scheduler reports it ended."""
+    subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
+    deadline = time.monotonic() + CANCEL_WAIT_S
+    while time.monotonic() < deadline:
+        state = job_state(job_id, spec.query_timeout_s)
+        if state is not None and state not in ACTIVE:
+            log(f"SLURM job {job_id} ended {state}")
+            return
+        time.sleep(spec.poll_s)
+    raise StageFailed(
+        f"SLURM job {job_id} was cancelled but has not ended after {CANCEL_WAIT_S:.0f}s; "
+        "a new job for the same output is not submitted while it may still write"
+    )
 
 
 def _wait(job, spec: SlurmSpec, log) -> Any:

@@ -180,8 +180,18 @@ class Study:
         return sorted((s.run, s.view) for s in self.sides() if not s.is_labels)
 
     # -- paths (relative to the working directory) -------------------------------------------
+    # The one place artifact paths are spelled: rules take them from here (with "{run}",
+    # "{view}"... as arguments, the methods give the rules' wildcard patterns), and so do
+    # `inspect` and the target rule.
+    FIGURES = f"{RESULTS}/figures"
+    TABLES = f"{RESULTS}/tables"
+
     def data_store(self) -> str:
         return f"{RESULTS}/data/{self.data.name}.zarr"
+
+    @staticmethod
+    def run_dir(run: str) -> str:
+        return f"{RESULTS}/runs/{run}"
 
     @staticmethod
     def model(run: str) -> str:
@@ -195,6 +205,28 @@ class Study:
     def probes(run: str) -> str:
         return f"{RESULTS}/runs/{run}/probes.parquet"
 
+    @staticmethod
+    def table(name: str, ext: str = "parquet") -> str:
+        """A tidy table: cka, claims, training, probes or runs (parquet, or csv)."""
+        return f"{Study.TABLES}/{name}.{ext}"
+
+    @staticmethod
+    def summary() -> str:
+        return f"{RESULTS}/summary.md"
+
+    @staticmethod
+    def log(stage: str, name: str) -> str:
+        return f"{RESULTS}/logs/{stage}/{name}.log"
+
+    def artifacts(self) -> list[str]:
+        """Everything the study makes (the target rule's inputs; what `inspect` checks)."""
+        out = [self.data_store(), *self.run_files()]
+        out += [self.gram(side) for side in sorted(self.sides(), key=lambda s: s.tag)]
+        out += [self.tile_path(tile) for tile in self.all_tiles()]
+        out += [self.table(name, ext) for name in ("cka", "claims") for ext in ("parquet", "csv")]
+        out += [*self.run_tables(), *self.figures(), self.summary(), *self.activation_stores()]
+        return out
+
     def run_files(self) -> list[str]:
         """What the per-run tables are made of: each run's model, metrics and probes."""
         return [f(run) for run in self.runs for f in (self.model, self.metrics, self.probes)]
@@ -202,7 +234,7 @@ class Study:
     @staticmethod
     def run_tables() -> list[str]:
         return [
-            f"{RESULTS}/tables/{name}.{ext}"
+            Study.table(name, ext)
             for name in ("training", "probes", "runs")
             for ext in ("parquet", "csv")
         ]
@@ -218,7 +250,10 @@ class Study:
         return f"{RESULTS}/gram/{side.run}/{side.view}.zarr"
 
     @staticmethod
-    def tile_path(tile: Tile) -> str:
+    def tile_path(tile: Tile | None = None) -> str:
+        """One tile's table; without a tile, the rule's pattern."""
+        if tile is None:
+            return f"{RESULTS}/cka/{{comparison}}/{{tile}}.parquet"
         return f"{RESULTS}/cka/{tile.comparison.id}/{tile.name}.parquet"
 
     def all_tiles(self) -> list[Tile]:
@@ -243,4 +278,4 @@ class Study:
             if kind in kinds
         ]
         names.append("probes")
-        return [f"{RESULTS}/figures/{name}.{ext}" for name in names for ext in ("png", "pdf")]
+        return [f"{Study.FIGURES}/{name}.{ext}" for name in names for ext in ("png", "pdf")]

@@ -32,14 +32,18 @@ def read_state(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err):
-            raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
-        found = re.search(r"GLOBAL (\S+)", str(err))  # the first object it would build
-        what = f" such as {found.group(1)}" if found else ""
+        # torch names the first object the pickle would build ("GLOBAL io.open"); any other
+        # unpickling error is a damaged or foreign file
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if not found:
+            pattern = r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the doc|$)"
+            why = re.search(pattern, str(err), re.S)
+            detail = why.group(1) if why else str(err)
+            raise CheckpointError(f"{path}: not a readable checkpoint ({detail})") from err
         raise UnsafeFileError(
-            f"{path}: refused: it holds Python objects{what} beyond tensors and plain values, "
-            "whose unpickling could run code; ckaflow loads weights only. Re-save it as a "
-            "state_dict of tensors if you trust where it came from"
+            f"{path}: refused: it holds Python objects such as {found.group(1)} beyond tensors "
+            "and plain values, whose unpickling could run code; ckaflow loads weights only. "
+            "Re-save it as a state_dict of tensors if you trust where it came from"
         ) from err
     except Exception as err:  # torch raises many types for a truncated or foreign file
         raise CheckpointError(f"{path}: not a readable checkpoint ({err})") from err
