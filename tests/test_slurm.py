@@ -64,18 +64,23 @@ def sacct_jobs(since: str, ready=lambda jobs: True, timeout: float = 30) -> pd.D
     slurmctld hands job records to slurmdbd asynchronously (a lag right after start-up)."""
     deadline = time.monotonic() + timeout
     while True:
-        out = subprocess.run(
-            ["sacct", "-X", "-n", "-P", "-S", since, "-o", "JobIDRaw,JobName%300,State"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout
-        rows = [line.split("|") for line in out.splitlines() if line]
-        jobs = pd.DataFrame(rows, columns=["id", "name", "state"])
+        jobs = _sacct(since, "JobIDRaw,JobName%300,State", ["id", "name", "state"])
         if ready(jobs) or time.monotonic() > deadline:
             return jobs
         time.sleep(0.5)
+
+
+def _sacct(since: str, fields: str, columns: list[str], *args: str) -> pd.DataFrame:
+    """One `sacct` query of the jobs since `since`: `fields`, as a frame with `columns`."""
+    out = subprocess.run(
+        ["sacct", "-X", "-n", "-P", "-S", since, "-o", fields, *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout
+    rows = [line.split("|") for line in out.splitlines() if line]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def _named(name: str):
@@ -394,15 +399,8 @@ def test_killed_workflow_reattaches_to_its_running_job(cluster, tmp_path):
 
 def _sacct_times(since: str, name: str) -> pd.DataFrame:
     """id, state, start and end of the jobs called `name` since `since`, from accounting."""
-    out = subprocess.run(
-        ["sacct", "-X", "-n", "-P", "-S", since, "--name", name, "-o", "JobIDRaw,State,Start,End"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout
-    rows = [line.split("|") for line in out.splitlines() if line]
-    return pd.DataFrame(rows, columns=["id", "state", "start", "end"])
+    columns = ["id", "state", "start", "end"]
+    return _sacct(since, "JobIDRaw,State,Start,End", columns, "--name", name)
 
 
 @pytest.mark.timeout(300)

@@ -80,18 +80,14 @@ def test_a_training_checkpoint_is_not_taken_for_a_model(trained):
         load_network(trained["simclr"].parent / "checkpoint.pt")
 
 
-def test_interrupted_mid_epoch_resumes_bit_for_bit(prepared, tmp_path):
-    """SimCLR with LARS, 4 steps an epoch: checkpoint after step 3, crash after step 3 and
-    again after step 6 (3 steps lost each time); the resumed weights equal a straight run's."""
+def crash_twice_and_resume(run, aug, prepared, root):
+    """A straight run, and the same run crashed after global steps 3 and 6 (4 steps an epoch,
+    a checkpoint every 3 steps) then resumed; asserts it resumed where it should and that the
+    weights equal the straight run's bit for bit. Returns (straight, resumed) model paths."""
     from ckaflow.train.loop import CheckpointPolicy
 
-    cfg = tiny_config(
-        recipes={"simclr": {"epochs": 2, "batch_size": 64, "optimizer": "lars", "lr": 0.5}}
-    )
-    run = next(r for r in config.run_specs(cfg) if r.method == "simclr")
-    aug = config.augment_spec(cfg)
     policy = CheckpointPolicy(every_steps=3)
-    straight = train_run(run, aug, prepared, tmp_path / "straight", device="cpu", policy=policy)
+    straight = train_run(run, aug, prepared, root / "straight", device="cpu", policy=policy)
 
     class Crash(Exception):
         pass
@@ -107,16 +103,28 @@ def test_interrupted_mid_epoch_resumes_bit_for_bit(prepared, tmp_path):
     for at in (3, 6):
         with pytest.raises(Crash):
             train_run(
-                run, aug, prepared, tmp_path / "resumed", device="cpu", log=lines.append,
+                run, aug, prepared, root / "resumed", device="cpu", log=lines.append,
                 policy=policy, on_step=crash_at(at),
             )  # fmt: skip
     resumed = train_run(
-        run, aug, prepared, tmp_path / "resumed", device="cpu", log=lines.append, policy=policy
+        run, aug, prepared, root / "resumed", device="cpu", log=lines.append, policy=policy
     )
     assert any("from epoch 0 step 3/4" in line for line in lines)
     assert any("from epoch 1 step 0/4" in line for line in lines)
     a, b = _weights(straight), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    return straight, resumed
+
+
+def test_interrupted_mid_epoch_resumes_bit_for_bit(prepared, tmp_path):
+    """SimCLR with LARS, 4 steps an epoch: checkpoint after step 3, crash after step 3 and
+    again after step 6 (3 steps lost each time); the resumed weights equal a straight run's."""
+    cfg = tiny_config(
+        recipes={"simclr": {"epochs": 2, "batch_size": 64, "optimizer": "lars", "lr": 0.5}}
+    )
+    run = next(r for r in config.run_specs(cfg) if r.method == "simclr")
+    aug = config.augment_spec(cfg)
+    straight, resumed = crash_twice_and_resume(run, aug, prepared, tmp_path)
     m1 = pd.read_parquet(straight.parent / "metrics.parquet")
     m2 = pd.read_parquet(resumed.parent / "metrics.parquet")
     assert m1["loss"].tolist() == m2["loss"].tolist()

@@ -10,8 +10,8 @@ import torch
 
 from ckaflow import config
 from ckaflow.train import loop, simclr, train_run
-from ckaflow.train.loop import CheckpointPolicy
 from tests.conftest import tiny_config
+from tests.test_train import crash_twice_and_resume
 
 BASE = {
     "simclr": {"epochs": 1, "batch_size": 64, "optimizer": "adamw", "lr": 1e-3},
@@ -114,33 +114,7 @@ def test_mixed_precision_run_interrupted_mid_epoch_resumes_bit_for_bit(
     run, aug = _run(
         "simclr", epochs=2, optimizer="lars", lr=0.5, precision=precision, channels_last=True
     )
-    policy = CheckpointPolicy(every_steps=3)
-    straight = train_run(run, aug, prepared, tmp_path / "straight", device="cpu", policy=policy)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at(at):
-        def on_step(step):
-            if step == at:
-                raise Crash
-
-        return on_step
-
-    lines = []
-    for at in (3, 6):
-        with pytest.raises(Crash):
-            train_run(
-                run, aug, prepared, tmp_path / "resumed", device="cpu", log=lines.append,
-                policy=policy, on_step=crash_at(at),
-            )  # fmt: skip
-    resumed = train_run(
-        run, aug, prepared, tmp_path / "resumed", device="cpu", log=lines.append, policy=policy
-    )
-    assert any("from epoch 0 step 3/4" in line for line in lines)
-    assert any("from epoch 1 step 0/4" in line for line in lines)
-    a, b = _weights(straight), _weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = crash_twice_and_resume(run, aug, prepared, tmp_path)
     m1 = pd.read_parquet(straight.parent / "metrics.parquet")["loss"].tolist()
     m2 = pd.read_parquet(resumed.parent / "metrics.parquet")["loss"].tolist()
     assert m1 == m2 and all(math.isfinite(x) for x in m1)

@@ -20,7 +20,6 @@ chunk row written for every layer, and only a whole store is renamed into place.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import shutil
@@ -215,22 +214,24 @@ class _Writer:
         self.check()
 
 
-def _open_partial(partial: Path, call_hash: str, log) -> tuple[zarr.Group, int]:
-    """A partial store from an identical earlier call, or a fresh one."""
+def open_partial(
+    partial: Path, call_hash: str, kind: str, counter: str, log, resuming: str
+) -> tuple[zarr.Group, int]:
+    """A partial store from an identical earlier call (its `counter` attribute: the progress
+    to resume after; `resuming`, formatted with partial and done, is logged), or a fresh one."""
     if partial.exists():
         try:
             group = zarr.open_group(partial, mode="r+")
             if group.attrs.get("call_hash") == call_hash:
-                done = int(group.attrs.get("rows_done", 0))
-                log(f"resuming extraction into {partial} after row {done}")
+                done = int(group.attrs.get(counter, 0))
+                log(resuming.format(partial=partial, done=done))
                 return group, done
         except Exception:  # an unreadable partial store is rebuilt, never trusted
             pass
         shutil.rmtree(partial)
+    partial.parent.mkdir(parents=True, exist_ok=True)
     group = zarr.open_group(partial, mode="w", zarr_format=3)
-    group.attrs.update(
-        {"kind": "ckaflow.activations", "call_hash": call_hash, "rows_done": 0, "complete": False}
-    )
+    group.attrs.update({"kind": kind, "call_hash": call_hash, counter: 0, "complete": False})
     return group, 0
 
 
@@ -262,44 +263,42 @@ def extract(
     """
     import torch
 
-    from ckaflow.data import open_prepared
-    from ckaflow.models import forward_settings, record_layers, resolve_device
-    from ckaflow.train.loop import load_network
+    from ckaflow.forward import ViewPass
+    from ckaflow.models import record_layers
 
     options = StoreOptions(dtype, codec, level, chunk_rows)
-    dev = resolve_device(device)
-    amp, cl = forward_settings(precision, channels_last, dev)
-    net, meta = load_network(model_path)
-    net = net.to(dev)
-    if cl:
-        net = net.to(memory_format=torch.channels_last)
-
-    def forward(pixels) -> None:
-        x = data.normalise(pixels.float() / 255)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=amp) if amp else contextlib.nullcontext():
-            net(x)
-
-    data = open_prepared(data_path)
-    view_array = data.group[f"views/{view}"]
-    n = view_array.shape[0] if examples is None else min(examples, view_array.shape[0])
-    registry = net.registry()
-    wanted = [layer.name for layer in registry] if layers is None else list(layers)
-    unknown = sorted(set(wanted) - {layer.name for layer in registry})
-    if unknown:
-        raise StoreError(f"{model_path}: the model has no layers {unknown}")
-    chosen = [layer for layer in registry if layer.name in wanted]
+    run = ViewPass.open(
+        model_path,
+        data_path,
+        view,
+        layers=layers,
+        examples=examples,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+    )
+    dev, n, meta, data, view_array = run.device, run.n, run.meta, run.data, run.view
+    wanted, forward = run.names, run
     call_hash = stable_hash(
-        [meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted, str(amp), cl]
+        [
+            *(meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted),
+            *(run.precision, run.channels_last),
+        ]
     )
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
-    group, start = _open_partial(partial, call_hash, log)
+    group, start = open_partial(
+        partial,
+        call_hash,
+        "ckaflow.activations",
+        "rows_done",
+        log,
+        "resuming extraction into {partial} after row {done}",
+    )
 
     # feature counts from one example, then the arrays (unless resuming) and chunk buffers
-    with torch.no_grad(), record_layers(net, wanted) as probe:
+    with torch.no_grad(), record_layers(run.net, wanted) as probe:
         forward(torch.from_numpy(view_array[:1]).to(dev))
     features = {name: probe[name].shape[1] for name in wanted}
     for name, width in features.items():
@@ -328,7 +327,7 @@ def extract(
         current[name][offset : offset + len(tensor)].copy_(tensor, non_blocking=pinned)
 
     try:
-        with torch.no_grad(), record_layers(net, wanted, sink=sink):
+        with torch.no_grad(), record_layers(run.net, wanted, sink=sink):
             for chunk_start in range(start - start % chunk_rows, n, chunk_rows):
                 chunk = slice(chunk_start, min(chunk_start + chunk_rows, n))
                 current = free.get()  # waits while the writer is behind: back-pressure
@@ -348,19 +347,11 @@ def extract(
     group.attrs.update(
         provenance(
             kind="ckaflow.activations",
-            run=meta["run"],
-            run_spec=meta["run_spec"],
-            view=view,
-            layers=[layer.as_dict() for layer in chosen],
-            example_ids=data.group["eval/ids"][:n].tolist(),
-            model_spec_hash=meta["spec_hash"],
-            data_spec_hash=data.attrs["spec_hash"],
             n_examples=n,
             dtype=dtype,
             codec=codec,
             level=level,
-            precision=str(amp).replace("torch.", "") if amp else "float32",
-            channels_last=cl,
+            **run.attrs(view),
         )
     )
     group.attrs["complete"] = True  # last: only now is the store whole

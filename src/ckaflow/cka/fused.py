@@ -24,15 +24,13 @@ flushed to it every `flush_s` seconds (and when `flush_bytes` are waiting) with 
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from ckaflow.activations import ChunkPaths
+from ckaflow.activations import ChunkPaths, open_partial
 from ckaflow.cka.gram import GRAM_KIND, check_passes_config
 from ckaflow.cka.stats import (
     _Workspace,
@@ -57,26 +55,6 @@ def _non_finite(name: str, where: str, rows) -> StoreError:
         f"{where} layer {name}: non-finite values (NaN or Inf) in the activations of examples "
         f"{sorted(int(r) for r in rows)[:8]}... (a block of {len(rows)})"
     )
-
-
-def _open_partial(partial: Path, call_hash: str, log) -> tuple[zarr.Group, int]:
-    """A partial Gram store of an identical earlier call (resumed), or a fresh one."""
-    if partial.exists():
-        try:
-            group = zarr.open_group(partial, mode="r+")
-            if group.attrs.get("call_hash") == call_hash:
-                done = int(group.attrs.get("units_done", 0))
-                log(f"resuming the Gram stage in {partial} after {done} units")
-                return group, done
-        except Exception:  # an unreadable partial store is rebuilt, never trusted
-            pass
-        shutil.rmtree(partial)
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    group = zarr.open_group(partial, mode="w", zarr_format=3)
-    group.attrs.update(
-        {"kind": GRAM_KIND, "call_hash": call_hash, "units_done": 0, "complete": False}
-    )
-    return group, 0
 
 
 class _Flusher:
@@ -172,39 +150,30 @@ def fused_gram_store(
     """
     import torch
 
-    from ckaflow.data import open_prepared
-    from ckaflow.models import forward_settings, record_layers, resolve_device
-    from ckaflow.train.loop import load_network
+    from ckaflow.forward import ViewPass
+    from ckaflow.models import record_layers
 
     check_passes_config(estimator, passes, seed)
-    dev = resolve_device(device)
-    amp, cl = forward_settings(precision, channels_last, dev)
-    net, meta = load_network(model_path)
-    net = net.to(dev)
-    if cl:
-        net = net.to(memory_format=torch.channels_last)
-    data = open_prepared(data_path)
-    view_array = data.group[f"views/{view}"]
-    n = view_array.shape[0] if examples is None else min(examples, view_array.shape[0])
-    registry = net.registry()
-    wanted = [layer.name for layer in registry] if layers is None else list(layers)
-    unknown = sorted(set(wanted) - {layer.name for layer in registry})
-    if unknown:
-        raise StoreError(f"{model_path}: the model has no layers {unknown}")
-    chosen = [layer for layer in registry if layer.name in wanted]
-    names = [layer.name for layer in chosen]
+    run = ViewPass.open(
+        model_path,
+        data_path,
+        view,
+        layers=layers,
+        examples=examples,
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+    )
+    dev, n, net, meta, data = run.device, run.n, run.net, run.meta, run.data
+    names = run.names
     # the view's uint8 pixels (3 KB per CIFAR image) moved to the device once
-    pixels = torch.from_numpy(np.asarray(view_array[:n])).to(dev)
+    pixels = torch.from_numpy(np.asarray(run.view[:n])).to(dev)
     where = f"{model_path} on {view}"
 
     def forward(rows) -> None:
         if not isinstance(rows, slice):
             rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev)
-        x = data.normalise(pixels[rows].float() / 255)
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=amp) if amp else contextlib.nullcontext():
-            net(x)
+        run(pixels[rows])
 
     if estimator == "minibatch":
         blocks = partition(n, batch_size, passes, seed)
@@ -230,14 +199,21 @@ def fused_gram_store(
             block_rows,
             passes,
             seed,
-            str(amp),
-            cl,
+            run.precision,
+            run.channels_last,
             "raw-chunks",  # the chunk format: an older partial store is rebuilt, not continued
         ]
     )
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial")
-    group, done = _open_partial(partial, call_hash, log)
+    group, done = open_partial(
+        partial,
+        call_hash,
+        GRAM_KIND,
+        "units_done",
+        log,
+        "resuming the Gram stage in {partial} after {done} units",
+    )
     existing = dict(group.arrays())
     arrays = {
         name: existing.get(name)
@@ -313,16 +289,8 @@ def fused_gram_store(
             passes=passes,
             partition_seed=int(seed) if seeded else None,
             partition_digest=partition_digest(blocks) if seeded else None,
-            run=meta["run"],
-            run_spec=meta["run_spec"],
-            view=view,
-            layers=[layer.as_dict() for layer in chosen],
-            example_ids=data.group["eval/ids"][:n].tolist(),
-            model_spec_hash=meta["spec_hash"],
-            data_spec_hash=data.attrs["spec_hash"],
             source=str(model_path),
-            precision=str(amp).replace("torch.", "") if amp else "float32",
-            channels_last=cl,
+            **run.attrs(view),
         )
     )
     group.attrs["complete"] = True  # last: only now is the store whole
