@@ -1,6 +1,6 @@
 """The layer registry: stable names, kinds and order of every recorded layer, without torch.
 
-Names follow DESIGN.md. For residual block `layer<s>.<b>`:
+Names (also in the README's Layers section). For residual block `layer<s>.<b>`:
   `.relu1`, `.relu2`  block-interior, after each inner ReLU (basic blocks have only `.relu1`)
   `.residual`         the residual branch just before the addition (the paper's "odd" layers)
   `.out`              after the addition and the ReLU (the paper's "even", post-residual layers)

@@ -3,7 +3,8 @@
 Plain estimators (`linear_cka`, `minibatch_cka`) are small functions in the papers' notation;
 `cka_matrix` and the pipeline compute each representation's Gram statistics once
 (`gram_stats`, optionally over several partitions of the examples: `passes`, `partition`) and
-every pair from them. Formulas: shared/docs/cka-formulas.md.
+every pair from them. The formulas, one small function each, are in `ckaflow.cka.estimators`
+(the README's CKA section says which paper each comes from).
 """
 
 from ckaflow.cka.estimators import (
