@@ -58,8 +58,8 @@ def _non_finite(name: str, where: str, rows) -> StoreError:
 
 
 class _Flusher:
-    """Holds computed (layer, block) Grams and writes them to the partial store in batches:
-    one Zarr call per layer and flush, `units_done` recorded only after every layer's write."""
+    """Holds computed (layer, block) Grams and writes them to the partial store every
+    `seconds` (or once `max_bytes` wait); `units_done` is recorded only after every write."""
 
     def __init__(self, group: zarr.Group, arrays: dict, seconds: float, max_bytes: int):
         self.group = group
@@ -214,19 +214,18 @@ def fused_gram_store(
         log,
         "resuming the Gram stage in {partial} after {done} units",
     )
-    existing = dict(group.arrays())
-    arrays = {
-        name: existing.get(name)
-        or group.create_array(
-            name,
-            shape=(len(blocks), size, size),
-            chunks=(1, size, size),
-            dtype="float64",
-            compressors=None,  # raw chunks, written by _Flusher
-            config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
-        )
-        for name in names
-    }
+    arrays = dict(group.arrays())  # those of a resumed store, then the missing ones
+    for name in names:
+        if name not in arrays:
+            arrays[name] = group.create_array(
+                name,
+                shape=(len(blocks), size, size),
+                chunks=(1, size, size),
+                dtype="float64",
+                compressors=None,  # raw chunks, written by _Flusher
+                config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
+            )
+    arrays = {name: arrays[name] for name in names}
     flusher = _Flusher(group, arrays, flush_s, flush_bytes)
     work = _Workspace(dev)
     t0, last_log = time.monotonic(), time.monotonic()
