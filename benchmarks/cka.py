@@ -19,8 +19,8 @@ import time
 import numpy as np
 import torch
 
+from ckaflow.cka.engine import cka_between, gram_stats
 from ckaflow.cka.estimators import hsic_unbiased, row_blocks
-from ckaflow.cka.stats import cka_between, gram_stats
 
 
 def synthetic_layers(n: int, dims: list[int], seed: int = 0) -> list[np.ndarray]:

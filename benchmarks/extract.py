@@ -104,9 +104,9 @@ def measure(mode: str, store: Path, model: Path, workdir: Path, batch: int, repe
     import torch
 
     from ckaflow.activations import extract
+    from ckaflow.cka.engine import partition
     from ckaflow.cka.fused import fused_gram_store
     from ckaflow.cka.gram import gram_store
-    from ckaflow.cka.stats import partition
     from ckaflow.data import open_prepared
     from ckaflow.train.loop import load_network
 
@@ -252,7 +252,7 @@ def profile_fused(store: Path, model: Path, workdir: Path, batch: int) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import ckaflow.models as models
-    from ckaflow.cka import fused, stats
+    from ckaflow.cka import engine, fused
 
     timers: dict[str, float] = {}
     stamps: dict[str, float] = {}
@@ -294,7 +294,7 @@ def profile_fused(store: Path, model: Path, workdir: Path, batch: int) -> dict:
     patches = [
         (models.Network, "forward", network_forward),
         (models, "record_layers", record_layers),
-        (stats._Workspace, "centred", timed("centred", stats._Workspace.centred)),
+        (engine._Workspace, "centred", timed("centred", engine._Workspace.centred)),
         (fused._Flusher, "add", timed("flusher.add", fused._Flusher.add)),
         (fused._Flusher, "flush", timed("flusher.flush", fused._Flusher.flush)),
     ]

@@ -196,7 +196,7 @@ def gemm_seconds(widths: dict[str, int], rows: list[int], dev: torch.device) -> 
 
 def check_speed(store: Path, model: Path, work: Path, dev, batch: int, repeat: int) -> dict:
     from ckaflow.cka import fused
-    from ckaflow.cka.stats import partition
+    from ckaflow.cka.engine import partition
     from ckaflow.data import open_prepared
     from ckaflow.train.loop import load_network
 
@@ -294,7 +294,7 @@ def _stats(path: Path):
 
 def _compare(a: list, b: list) -> dict:
     """CKA of every layer pair from two lists of GramStats of the same layers."""
-    from ckaflow.cka.stats import cka_between
+    from ckaflow.cka.engine import cka_between
 
     gram = max(
         float(np.abs(x.grams - y.grams).max() / (np.abs(y.grams).max() or 1.0))
@@ -315,8 +315,8 @@ def check_device_vs_cpu(store: Path, model: Path, work: Path, dev, examples: int
     end, and the Gram computation alone on the very same activations (the CPU's forward pass,
     `gram_stats` on each device: the block code shared by both Gram paths). On the CPU
     (--small) the device side runs channels-last, so that its convolution kernels differ."""
+    from ckaflow.cka.engine import gram_stats
     from ckaflow.cka.fused import fused_gram_store
-    from ckaflow.cka.stats import gram_stats
     from ckaflow.data import open_prepared
     from ckaflow.models import record_layers
     from ckaflow.train.loop import load_network
@@ -369,7 +369,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _gram(t: torch.Tensor, dev) -> np.ndarray:
     """The stage's own Gram of a block (stats._Workspace centring, then t @ t.T)."""
-    from ckaflow.cka.stats import _Workspace
+    from ckaflow.cka.engine import _Workspace
 
     t = _Workspace(dev).centred(t.flatten(1), None)
     return (t @ t.T).double().cpu().numpy()

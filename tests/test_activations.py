@@ -3,11 +3,11 @@ import pytest
 import torch
 import zarr
 
-from ckaflow.activations import open_store
 from ckaflow.data import open_prepared
 from ckaflow.errors import StoreError
 from ckaflow.layers import layer_registry
 from ckaflow.models import record_layers
+from ckaflow.store import open_store
 from ckaflow.train.loop import load_network
 
 
@@ -181,7 +181,7 @@ def test_changed_settings_do_not_resume_a_foreign_partial_store(trained, prepare
 def test_chunks_written_directly_read_back_through_zarr(codec, tmp_path):
     """The writer's own encoding: for zstd and no codec the very bytes Zarr writes; for every
     codec the values Zarr reads back, the short last chunk included."""
-    from ckaflow.activations import ChunkEncoder, ChunkPaths, StoreOptions
+    from ckaflow.store import ChunkEncoder, ChunkPaths, StoreOptions
 
     options = StoreOptions(codec=codec, chunk_rows=4)
     values = np.maximum(np.random.default_rng(0).normal(size=(10, 6)), 0).astype("float32")
@@ -209,7 +209,7 @@ def test_chunks_written_directly_read_back_through_zarr(codec, tmp_path):
 def test_a_store_with_a_missing_chunk_or_a_wrong_shape_is_refused(activations, tmp_path):
     import shutil
 
-    from ckaflow.activations import ChunkPaths
+    from ckaflow.store import ChunkPaths
 
     damaged = tmp_path / "damaged.zarr"
     shutil.copytree(activations[("simclr", "clean")], damaged)

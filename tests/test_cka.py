@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckaflow import cka
-from ckaflow.cka.stats import cka_from_vectors, hsic_vector
+from ckaflow.cka.engine import cka_from_vectors, hsic_vector
 
 
 def _rng(seed=0):

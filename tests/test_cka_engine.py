@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckaflow import cka
-from ckaflow.cka.stats import gram_stats
+from ckaflow.cka.engine import gram_stats
 from tests.test_cka import ref_biased_cka, ref_debiased_cka, ref_minibatch_cka
 
 

@@ -66,7 +66,7 @@ def test_passes_with_a_full_data_estimator_is_refused_before_anything_runs():
     import pytest
 
     from ckaflow.errors import ConfigError
-    from ckaflow.plan import Study
+    from ckaflow.study import Study
     from tests.conftest import tiny_config
 
     with pytest.raises(ConfigError, match="needs the minibatch estimator, not linear"):

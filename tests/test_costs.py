@@ -5,9 +5,9 @@ import subprocess
 import pytest
 
 from ckaflow import config
-from ckaflow.activations import open_store
 from ckaflow.costs import study_costs
-from ckaflow.plan import Side, Study
+from ckaflow.store import open_store
+from ckaflow.study import Side, Study
 from tests.conftest import BIN, ENV, REPO, tiny_config
 
 PAPER = REPO / "configs" / "paper-cifar10-resnet50.yaml"
@@ -155,8 +155,8 @@ def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ckaflow.cka.engine import gram_stats
     from ckaflow.cka.gram import gram_store, open_gram
-    from ckaflow.cka.stats import gram_stats
     from ckaflow.costs import gram_layer_cost
 
     cfg = tiny_config(cka={"passes": 3})

@@ -164,7 +164,7 @@ def test_training_killed_at_random_points(prepared, tmp_path):
 
 @pytest.mark.crash
 def test_extraction_killed_at_random_points(trained, prepared, tmp_path):
-    from ckaflow.activations import open_store
+    from ckaflow.store import open_store
 
     def cmd(out):
         return ckaflow(

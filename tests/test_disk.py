@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ckaflow.activations import open_store
 from ckaflow.errors import StoreError
+from ckaflow.store import open_store
 from tests.conftest import BIN, ENV
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from ckaflow.cka.engine import cka_between
 from ckaflow.cka.fused import _Flusher, fused_gram_store
 from ckaflow.cka.gram import gram_store, load_stats, open_gram
-from ckaflow.cka.stats import cka_between
 from ckaflow.errors import ConfigError, StoreError
 from tests.conftest import BIN, ENV
 

@@ -6,11 +6,11 @@ import pytest
 import zarr
 
 from ckaflow import cka
-from ckaflow.activations import open_store
 from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
 from ckaflow.cka.tiles import compute_tile
 from ckaflow.data import open_prepared
 from ckaflow.errors import StoreError, TileError
+from ckaflow.store import open_store
 from ckaflow.tables import COLUMNS
 
 

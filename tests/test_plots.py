@@ -16,7 +16,7 @@ from matplotlib.collections import LineCollection, PolyCollection
 
 from ckaflow import config
 from ckaflow.layers import layer_registry
-from ckaflow.plan import Side, Study
+from ckaflow.study import Side, Study
 from ckaflow.tables import COLUMNS, NULLABLE_INT
 
 BLOCK = re.compile(r"^(layer\d+\.\d+)\.")

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ckaflow.cka.engine import GramStats, cka_between, cka_interval, partition, partition_digest
 from ckaflow.cka.gram import load_stats, open_gram, write_gram_store
-from ckaflow.cka.stats import GramStats, cka_between, cka_interval, partition, partition_digest
 from ckaflow.cka.tiles import compute_tile
 from ckaflow.costs import tile_memory
 

@@ -79,8 +79,8 @@ def test_figures_and_artifacts_exist(finished):
     assert "cross-diagonal.png" in figures
     assert all((finished / "results" / "figures" / f).stat().st_size > 10_000 for f in figures)
     # the Gram statistics came from the forward pass; only the selection was stored
-    from ckaflow.activations import open_store
     from ckaflow.cka.gram import open_gram
+    from ckaflow.store import open_store
 
     run = "simclr-resnet18-w4-s0"
     gram = open_gram(finished / "results" / "gram" / run / "aug2.zarr")

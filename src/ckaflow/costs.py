@@ -18,7 +18,7 @@ from ckaflow import config as cfg
 from ckaflow.cka.estimators import row_blocks
 from ckaflow.cka.fused import MEMORY_BYTES, _layer_groups
 from ckaflow.layers import layer_features
-from ckaflow.plan import LABELS, Side, Study
+from ckaflow.study import LABELS, Side, Study
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # forward + backward ≈ 3 forward passes (the backward pass costs about twice the forward)
@@ -62,7 +62,7 @@ def gram_layer_cost(
     estimator: str, n: int, batch_size: int, passes: int, features: int
 ) -> tuple[int, float, int]:
     """(blocks, FLOPs, stored bytes) of one layer's Gram statistics, as the Gram stage
-    (`ckaflow.cka.fused`, `ckaflow.cka.stats.gram_stats`) computes them.
+    (`ckaflow.cka.fused`, `ckaflow.cka.engine.gram_stats`) computes them.
 
     minibatch: 2·m²·d FLOPs per block of m rows, in every pass. Full-data estimators: the n × n
     Gram from pairs of row chunks, 2·n²·d FLOPs.

@@ -139,7 +139,7 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
         lines += [f"    {p.relative_to(path)}" for p in partial[:10]]
     if config_path is not None:
         from ckaflow import config as cfg
-        from ckaflow.plan import Study
+        from ckaflow.study import Study
 
         study = Study(cfg.load(config_path))
         root = path.parent

@@ -7,6 +7,15 @@ every pair from them. The formulas, one small function each, are in `ckaflow.cka
 (the README's CKA section says which paper each comes from).
 """
 
+from ckaflow.cka.engine import (
+    ESTIMATORS,
+    GramStats,
+    cka_between,
+    cka_interval,
+    gram_stats,
+    partition,
+    pass_permutation,
+)
 from ckaflow.cka.estimators import (
     center_gram,
     gram_linear,
@@ -18,15 +27,6 @@ from ckaflow.cka.estimators import (
     u_center,
 )
 from ckaflow.cka.matrix import cka_matrix
-from ckaflow.cka.stats import (
-    ESTIMATORS,
-    GramStats,
-    cka_between,
-    cka_interval,
-    gram_stats,
-    partition,
-    pass_permutation,
-)
 
 __all__ = [
     "ESTIMATORS",

@@ -1,13 +1,13 @@
 """The fused Gram stage: each layer reduced to its Gram statistics during the forward pass.
 
 `fused_gram_store` runs a trained network over one eval view and, for every selected layer,
-forms the per-block Gram matrices of `ckaflow.cka.stats` from the activations while they are in
+forms the per-block Gram matrices of `ckaflow.cka.engine` from the activations while they are in
 memory (one matrix product per layer and block, on the GPU when there is one), writing the Gram
 store of `ckaflow.cka.gram` directly: the activations never touch the disk.
 
 minibatch: each block of `batch_size` examples is one forward pass. Pass 0 takes the examples
 in stored order; with `passes` > 1, pass p forwards the blocks of the seeded permutation
-`stats.partition(n, batch_size, passes, seed)`, so a network sees every example once per pass,
+`engine.partition(n, batch_size, passes, seed)`, so a network sees every example once per pass,
 as in Nguyen, Raghu & Kornblith (2021).
 
 Full-data estimators (linear, debiased, rbf) need every pair of examples, so their Gram is
@@ -15,7 +15,7 @@ assembled from a layer's rows held in memory: layers are taken in groups whose f
 `memory_bytes`, one forward pass over all examples per group.
 
 Both give the bits of the store-then-Gram path (`ckaflow gram --source`) on float32 values,
-because both call the same block code (`stats.block_gram`, `stats.gram_stats`).
+because both call the same block code (`engine.block_gram`, `engine.gram_stats`).
 
 Resuming: the store is built under `.<name>.partial` with the call's hash; statistics are
 flushed to it every `flush_s` seconds (and when `flush_bytes` are waiting) with `units_done`
@@ -30,18 +30,18 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ckaflow.activations import ChunkPaths, open_partial
-from ckaflow.cka.gram import GRAM_KIND, check_passes_config
-from ckaflow.cka.stats import (
+from ckaflow.cka.engine import (
     _Workspace,
     block_sizes,
     gram_stats,
     partition,
     partition_digest,
 )
+from ckaflow.cka.gram import GRAM_KIND, check_passes_config
 from ckaflow.config import stable_hash
 from ckaflow.errors import StoreError
 from ckaflow.provenance import provenance, replace_into_place
+from ckaflow.store import ChunkPaths, open_partial
 
 # Full-data estimators: float32 rows of a group of layers held at once (see module docstring).
 MEMORY_BYTES = 2 * 2**30
@@ -279,7 +279,7 @@ def fused_gram_store(
                 flusher.flush(g + 1)
                 log(f"layer group {g + 1}/{len(groups)} done")
 
-    seeded = passes > 1  # one pass needs no seed (stats.GramStats)
+    seeded = passes > 1  # one pass needs no seed (engine.GramStats)
     group.update_attributes(  # one write of the store's metadata
         provenance(
             kind=GRAM_KIND,

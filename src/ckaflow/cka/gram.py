@@ -2,10 +2,10 @@
 
 Every CKA pair is later computed from these, never from the activations again. A store at
 `results/gram/<run>/<view>.zarr` holds, per layer, the (blocks, b, b) float64 Grams of
-`ckaflow.cka.stats.GramStats`, with `block_rows` and the estimator in its attributes, and
+`ckaflow.cka.engine.GramStats`, with `block_rows` and the estimator in its attributes, and
 `passes`, `partition_seed` and `partition_digest`: with passes > 1 the blocks are pass-major
 (block i belongs to pass i // (len(block_rows) / passes)) and
-`ckaflow.cka.stats.partition(len(example_ids), block_rows[0], passes, partition_seed)` gives the
+`ckaflow.cka.engine.partition(len(example_ids), block_rows[0], passes, partition_seed)` gives the
 rows of each block (its hash is `partition_digest`; a tile refuses two sides whose digests differ).
 """
 
@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from ckaflow.activations import open_store
-from ckaflow.cka.estimators import one_hot
-from ckaflow.cka.stats import (
+from ckaflow.cka.engine import (
     BlockHSICs,
     GramStats,
     block_terms,
@@ -27,9 +25,11 @@ from ckaflow.cka.stats import (
     check_passes,
     gram_stats,
 )
+from ckaflow.cka.estimators import one_hot
 from ckaflow.errors import ConfigError, StoreError
 from ckaflow.layers import label_layer
 from ckaflow.provenance import atomic_path, provenance
+from ckaflow.store import open_store
 
 GRAM_KIND = "ckaflow.gram"
 
@@ -206,7 +206,7 @@ def stream_block_hsics(store_a, names_a: list[str], store_b, names_b: list[str])
 
     For the minibatch (unbiased, blocked) statistics; the caller checks that the two stores hold
     the same rows in the same blocks (`ckaflow.cka.tiles`). The numbers are those of
-    `ckaflow.cka.stats.block_hsics` on `load_stats` of the same layers, bit for bit.
+    `ckaflow.cka.engine.block_hsics` on `load_stats` of the same layers, bit for bit.
     """
     block_rows, passes = _layout(store_a)
     estimator = store_a.attrs["estimator"]

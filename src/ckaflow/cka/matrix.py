@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ckaflow.cka.stats import GramStats, cka_between, gram_stats
+from ckaflow.cka.engine import GramStats, cka_between, gram_stats
 
 
 def _names(reps) -> list[str]:

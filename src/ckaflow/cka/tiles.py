@@ -80,8 +80,8 @@ def compute_tile(
     """CKA of layers `rows` of side a against layers `cols` of side b, as a tidy parquet."""
     import pandas as pd
 
+    from ckaflow.cka.engine import cka_between, cka_interval
     from ckaflow.cka.gram import load_stats, open_gram, stream_block_hsics
-    from ckaflow.cka.stats import cka_between, cka_interval
     from ckaflow.provenance import atomic_path, code_version
 
     a, b = open_gram(gram_a), open_gram(gram_b)

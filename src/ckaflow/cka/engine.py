@@ -1,4 +1,4 @@
-"""Gram statistics: computed once per representation, then every pair from them.
+"""The CKA engine: Gram statistics computed once per representation, then every pair from them.
 
 `gram_stats(x)` reads a representation block by block (a NumPy or torch array, or a Zarr array
 read chunk by chunk) and keeps, per block of rows, the kernel Gram matrix in float64. The GEMM

@@ -1,7 +1,7 @@
 import pandas as pd
 import pytest
 
-from ckaflow.plan import Study
+from ckaflow.study import Study
 from ckaflow.tables import merge_tiles
 from tests.conftest import tiny_config
 
