@@ -1,5 +1,5 @@
 """The tile stage streams over blocks: its peak memory is one block of every layer plus the
-per-block HSIC terms (`ckaflow.costs.tile_memory`, what `ckaflow plan` reports), not the layers'
+per-block HSIC terms (`ckaflow.plan.tile_memory`, what `ckaflow plan` reports), not the layers'
 statistics, which a paper-scale tile would hold by the tens of gigabytes."""
 
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 from ckaflow.cka.engine import GramStats, cka_between, cka_interval, partition, partition_digest
 from ckaflow.cka.gram import load_stats, open_gram, write_gram_store
 from ckaflow.cka.tiles import compute_tile
-from ckaflow.costs import tile_memory
+from ckaflow.plan import tile_memory
 
 LAYERS, N, B, PASSES = 12, 3840, 128, 2  # 30 blocks of 128 rows per pass: 60 blocks per layer
 TILE, BOOTSTRAP = 6, 100  # layers 0..5 against layers 6..11

@@ -194,7 +194,7 @@ def cmd_summarize(args) -> None:
 
 
 def cmd_plan(args) -> None:
-    from ckaflow.costs import plan
+    from ckaflow.plan import plan
 
     print(plan(args.config, args.gpu_tflops))
 

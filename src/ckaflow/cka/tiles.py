@@ -5,7 +5,7 @@ minibatch: streamed over the blocks (`ckaflow.cka.gram.stream_block_hsics`): blo
 layer of the tile (one Zarr chunk each) is U-centred and the block's (La, Lb) cross and self HSIC
 terms kept; the value (sum over blocks, normalised) and the block bootstrap need nothing else.
 Peak memory: one block of every layer, (La + Lb) · b² · 8 bytes, plus blocks · La · Lb · 8 for
-the per-block terms and bootstrap · La · Lb · 8 for the replicates (`ckaflow.costs.tile_memory`)
+the per-block terms and bootstrap · La · Lb · 8 for the replicates (`ckaflow.plan.tile_memory`)
 — megabytes, where loading the layers' statistics took about three times their store bytes.
 
 Full-data estimators (linear, debiased, rbf): one n × n block per layer, and the bootstrap of

@@ -5,7 +5,7 @@ import subprocess
 import pytest
 
 from ckaflow import config
-from ckaflow.costs import study_costs
+from ckaflow.plan import study_costs
 from ckaflow.store import open_store
 from ckaflow.study import Side, Study
 from tests.conftest import BIN, ENV, REPO, tiny_config
@@ -131,7 +131,7 @@ def test_gram_costs_scale_with_passes():
 
 def test_tile_memory_of_the_full_data_estimators_is_their_loaded_layers():
     """linear/debiased/rbf: one n × n Gram per layer, loaded whole as before streaming."""
-    from ckaflow.costs import tile_memory
+    from ckaflow.plan import tile_memory
 
     linear = study_costs(tiny_config(cka={"estimator": "linear"}))
     assert linear.tile_bytes == 3 * (8 + 8) * 160 * 160 * 8
@@ -157,7 +157,7 @@ def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations
 
     from ckaflow.cka.engine import gram_stats
     from ckaflow.cka.gram import gram_store, open_gram
-    from ckaflow.costs import gram_layer_cost
+    from ckaflow.plan import gram_layer_cost
 
     cfg = tiny_config(cka={"passes": 3})
     costs = study_costs(cfg)
