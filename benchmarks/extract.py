@@ -44,7 +44,7 @@ GOAL_LIMIT = 0.8  # compute limit / (b)
 def prepare(workdir: Path, n: int) -> tuple[Path, Path]:
     """A real Fashion-MNIST data store and a (barely trained) demo model."""
     from ckaflow import config, data
-    from ckaflow.train import train_run
+    from ckaflow.train.loop import train_run
 
     cfg = config.validate(
         {
@@ -80,8 +80,7 @@ def layer_widths(model: Path, store: Path) -> dict[str, int]:
     import torch
 
     from ckaflow.data import open_prepared
-    from ckaflow.models import record_layers
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network, record_layers
 
     net, _ = load_network(model)
     data = open_prepared(store)
@@ -108,7 +107,7 @@ def measure(mode: str, store: Path, model: Path, workdir: Path, batch: int, repe
     from ckaflow.cka.fused import fused_gram_store
     from ckaflow.cka.gram import gram_store
     from ckaflow.data import open_prepared
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network
 
     data = open_prepared(store)
     pixels = data.view(VIEW)

@@ -87,9 +87,10 @@ def prepare(workdir: Path, n: int, width: int, dev: torch.device) -> tuple[Path,
     """(data store, model.pt, what the images are)."""
     from ckaflow import config, data
     from ckaflow.config import to_jsonable
+    from ckaflow.models import initial_network
     from ckaflow.provenance import provenance
     from ckaflow.train import checkpoint
-    from ckaflow.train.loop import METHODS, initial_network, train_spec_hash
+    from ckaflow.train.loop import train_spec_hash
 
     n_train = 512
     root, what = image_folder(workdir, 2 * n_train)
@@ -129,7 +130,7 @@ def prepare(workdir: Path, n: int, width: int, dev: torch.device) -> tuple[Path,
         spec_hash=train_spec_hash(run, aug, attrs["spec_hash"]),
         data_spec_hash=attrs["spec_hash"],
         data_attrs={k: attrs[k] for k in ("dataset", "image_shape", "num_classes", "mean", "std")},
-        head_outputs=METHODS[run.method](run.recipe, None).head_outputs(attrs["num_classes"]),
+        head_outputs=run.head_outputs(attrs["num_classes"]),
         epochs=0,
         note="random weights, BatchNorm statistics from training images (benchmarks/gpu_check.py)",
     )
@@ -198,7 +199,7 @@ def check_speed(store: Path, model: Path, work: Path, dev, batch: int, repeat: i
     from ckaflow.cka import fused
     from ckaflow.cka.engine import partition
     from ckaflow.data import open_prepared
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network
 
     data = open_prepared(store)
     pixels = torch.from_numpy(data.view(VIEW)).to(dev)
@@ -318,8 +319,7 @@ def check_device_vs_cpu(store: Path, model: Path, work: Path, dev, examples: int
     from ckaflow.cka.engine import gram_stats
     from ckaflow.cka.fused import fused_gram_store
     from ckaflow.data import open_prepared
-    from ckaflow.models import record_layers
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network, record_layers
 
     common = dict(batch_size=batch, examples=examples, precision="fp32", log=_quiet)
     with exact_float32():
@@ -391,8 +391,7 @@ def _check_residual(store, model, work, dev, m: int, precision: str, channels_la
     from ckaflow.cka.fused import fused_gram_store
     from ckaflow.cka.gram import load_stats, open_gram
     from ckaflow.data import open_prepared
-    from ckaflow.models import record_layers
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network, record_layers
 
     data = open_prepared(store)
     net, _ = load_network(model)

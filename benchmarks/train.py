@@ -24,7 +24,7 @@ import torch
 def bare_epoch(run, aug, data, device) -> float:
     """Images per second of one epoch of a hand-written loop (after one warm-up step)."""
     from ckaflow.augment import apply_geometry, sample_crop_flip, sample_simclr, simclr_view
-    from ckaflow.train.loop import initial_network
+    from ckaflow.models import initial_network
     from ckaflow.train.losses import nt_xent
     from ckaflow.train.optim import make_optimizer
 
@@ -59,7 +59,7 @@ def bare_epoch(run, aug, data, device) -> float:
 
 
 def ckaflow_epoch(run, aug, store: Path, workdir: Path, device) -> float:
-    from ckaflow.train import train_run
+    from ckaflow.train.loop import train_run
 
     out = workdir / f"run-{time.monotonic_ns()}"
     train_run(run, aug, store, out, device=str(device), log=lambda _: None)

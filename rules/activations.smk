@@ -7,10 +7,7 @@ rule extract:
     output:
         directory(STUDY.activations("{run}", "{view}")),
     params:
-        store=lambda w: spec(STUDY.store_spec(Side(w.run, w.view))),
-        batch_size=config["activations"]["batch_size"],
-        chunk_rows=config["activations"]["chunk_rows"],
-        device=config["device"],
+        spec=lambda w: spec(STUDY.extract_spec(Side(w.run, w.view))),
     threads: 2
     log:
         STUDY.log("extract", "{run}.{view}"),
@@ -18,6 +15,5 @@ rule extract:
         CONDA_ENV
     shell:
         "ckaflow extract --model {input.model} --data {input.data} --view {wildcards.view}"
-        " --out {output} --store {params.store} --batch-size {params.batch_size}"
-        " --chunk-rows {params.chunk_rows}"
-        " --device {params.device} --threads {threads} > {log} 2>&1"
+        " --out {output} --store {params.spec} --threads {threads}"
+        " > {log} 2>&1"

@@ -7,12 +7,7 @@ rule gram:
     output:
         directory(STUDY.gram(Side("{run}", "{view}"))),
     params:
-        estimator=STUDY.cka.estimator,
-        batch_size=STUDY.cka.batch_size,
-        passes=STUDY.cka.passes,
-        seed=config["data"]["seed"],
         spec=lambda w: spec(STUDY.gram_spec(Side(w.run, w.view))),
-        device=config["device"],
     threads: 2
     log:
         STUDY.log("gram", "{run}.{view}"),
@@ -20,9 +15,8 @@ rule gram:
         CONDA_ENV
     shell:
         "ckaflow gram --model {input.model} --data {input.data} --view {wildcards.view}"
-        " --out {output} --estimator {params.estimator} --batch-size {params.batch_size}"
-        " --passes {params.passes} --seed {params.seed} --spec {params.spec}"
-        " --device {params.device} --threads {threads} > {log} 2>&1"
+        " --out {output} --spec {params.spec} --threads {threads}"
+        " > {log} 2>&1"
 
 
 rule gram_labels:
@@ -32,19 +26,13 @@ rule gram_labels:
     output:
         directory(STUDY.gram(Side(LABELS, LABELS))),
     params:
-        estimator=STUDY.cka.estimator,
-        batch_size=STUDY.cka.batch_size,
-        passes=STUDY.cka.passes,
-        seed=config["data"]["seed"],
-        examples=STUDY.examples or 0,
+        spec=spec(STUDY.gram_spec(Side(LABELS, LABELS))),
     log:
         STUDY.log("gram", LABELS),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow gram --labels --source {input} --out {output} --estimator {params.estimator}"
-        " --batch-size {params.batch_size} --passes {params.passes} --seed {params.seed}"
-        " --examples {params.examples} > {log} 2>&1"
+        "ckaflow gram --labels --source {input} --out {output} --spec {params.spec} > {log} 2>&1"
 
 
 rule cka_tile:
@@ -55,18 +43,11 @@ rule cka_tile:
     output:
         STUDY.tile_path(),
     params:
-        kind=lambda w: STUDY.comparisons[w.comparison].kind,
-        rows=lambda w: tile_range(w, "rows"),
-        cols=lambda w: tile_range(w, "cols"),
-        estimator=STUDY.cka.estimator,
-        bootstrap=STUDY.cka.bootstrap,
-        seed=config["data"]["seed"],
+        spec=lambda w: spec(STUDY.tile_spec(STUDY.tile(w.comparison, w.tile))),
     log:
         STUDY.log("cka", "{comparison}.{tile}"),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow tile --comparison {wildcards.comparison} --kind {params.kind}"
-        " --a {input.a} --b {input.b} --rows {params.rows} --cols {params.cols}"
-        " --estimator {params.estimator} --bootstrap {params.bootstrap} --seed {params.seed}"
-        " --out {output} > {log} 2>&1"
+        "ckaflow tile --comparison {wildcards.comparison} --a {input.a} --b {input.b}"
+        " --spec {params.spec} --out {output} > {log} 2>&1"

@@ -1,27 +1,25 @@
 import json
 import os
 import shlex
+from dataclasses import asdict, is_dataclass
 
 
 def spec(obj):
-    """A JSON argument for the command line, shell-quoted. Used as a param, so that a rule
-    reruns when (and only when) the part of the config it depends on changes."""
-    return shlex.quote(json.dumps(obj, sort_keys=True))
-
-
-def tile_range(wildcards, axis):
-    """START:STOP of the layers on one axis ("rows" or "cols") of the tile in the wildcards."""
-    rows, cols = STUDY.tile_ranges(STUDY.tile(wildcards.comparison, wildcards.tile))
-    span = rows if axis == "rows" else cols
-    return f"{span.start}:{span.stop}"
+    """A stage's spec (built by Study) as a shell-quoted JSON argument. It is the rule's one
+    param, so the rule reruns when, and only when, something its output depends on changes."""
+    value = asdict(obj) if is_dataclass(obj) else obj
+    return shlex.quote(json.dumps(value, sort_keys=True))
 
 
 
-# Where heavy stages run, and how often training checkpoints, reach the `ckaflow` commands
-# through the environment, not through params: moving a study between the laptop and the
-# cluster, or checkpointing more often, must not rerun anything.
+# Where heavy stages run (backend, slurm, device), how often training checkpoints, and where the
+# data set's files lie reach the `ckaflow` commands through the environment, not through params:
+# moving a study between the laptop and the cluster, or checkpointing more often, must not rerun
+# anything.
 os.environ.update(
     CKAFLOW_BACKEND=config["backend"],
+    CKAFLOW_DEVICE=config["device"],
+    CKAFLOW_DATA_ROOT=config["data"]["root"],
     CKAFLOW_SLURM=json.dumps(config["slurm"]),
     CKAFLOW_CHECKPOINT=json.dumps(config["checkpoint"]),
 )

@@ -3,7 +3,7 @@ rule prepare_data:
     output:
         directory(STUDY.data_store()),
     params:
-        spec=spec({"data": to_jsonable(STUDY.data), "augment": to_jsonable(STUDY.augment)}),
+        spec=spec(STUDY.prepare_spec()),
     log:
         STUDY.log("prepare_data", "data"),
     conda:

@@ -6,8 +6,7 @@ rule evaluate:
     output:
         STUDY.probes("{run}"),
     params:
-        spec=spec(config["evaluate"]),
-        device=config["device"],
+        spec=spec(STUDY.evaluate_spec()),
     threads: 2
     log:
         STUDY.log("evaluate", "{run}"),
@@ -15,7 +14,7 @@ rule evaluate:
         CONDA_ENV
     shell:
         "ckaflow evaluate --model {input.model} --data {input.data} --out {output}"
-        " --spec {params.spec} --device {params.device} --threads {threads} > {log} 2>&1"
+        " --spec {params.spec} --threads {threads} > {log} 2>&1"
 
 
 rule run_tables:

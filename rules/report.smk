@@ -6,7 +6,7 @@ rule merge_tables:
         parquet=STUDY.table("cka"),
         csv=STUDY.table("cka", "csv"),
     params:
-        config_hash=CONFIG_HASH,
+        config_hash=STUDY.tables_spec()["config_hash"],
     log:
         STUDY.log("merge_tables", "cka"),
     conda:
@@ -29,7 +29,7 @@ rule figures:
             for path in STUDY.figures()
         ],
     params:
-        style=spec(config["plots"]),
+        style=spec(STUDY.figures_spec()),
         out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
         STUDY.log("figures", "figures"),

@@ -6,10 +6,7 @@ rule train:
         model=STUDY.model("{run}"),
         metrics=STUDY.metrics("{run}"),
     params:
-        spec=lambda w: spec(
-            {"run": to_jsonable(STUDY.runs[w.run]), "augment": to_jsonable(STUDY.augment)}
-        ),
-        device=config["device"],
+        spec=lambda w: spec(STUDY.train_spec(w.run)),
         out_dir=lambda w: STUDY.run_dir(w.run),
     threads: 2
     log:
@@ -18,4 +15,4 @@ rule train:
         CONDA_ENV
     shell:
         "ckaflow train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
-        " --device {params.device} --threads {threads} > {log} 2>&1"
+        " --threads {threads} > {log} 2>&1"

@@ -78,7 +78,7 @@ def prepared(tmp_path_factory, study_config) -> Path:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, study_config, prepared) -> dict[str, Path]:
     """Both methods trained for one epoch on real images: run id -> model.pt."""
-    from ckaflow.train import train_run
+    from ckaflow.train.loop import train_run
 
     out = {}
     for run in config.run_specs(study_config):

@@ -6,9 +6,8 @@ import zarr
 from ckaflow.data import open_prepared
 from ckaflow.errors import StoreError
 from ckaflow.layers import layer_registry
-from ckaflow.models import record_layers
+from ckaflow.models import load_network, record_layers
 from ckaflow.store import open_store
-from ckaflow.train.loop import load_network
 
 
 def test_store_has_one_row_chunked_array_per_layer(activations, study_config):

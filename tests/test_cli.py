@@ -30,7 +30,21 @@ def test_help_lists_every_stage():
     }
 
 
-def test_cli_estimators_are_the_engine_estimators():
-    from ckaflow import cka, cli
+def test_every_list_of_choices_is_the_schema_s():
+    """Estimators, dtypes, codecs, methods, data sets: each listed once, in the schema; the
+    command line, the engine, the store and the trainer take theirs from it or match it."""
+    from ckaflow import cka, cli, data, store
+    from ckaflow.config import schema_enum
+    from ckaflow.train.loop import METHODS
 
-    assert tuple(cli.ESTIMATORS) == cka.ESTIMATORS
+    sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    for command in ("gram", "tile"):
+        option = next(a for a in sub[command]._actions if a.dest == "estimator")
+        assert tuple(option.choices) == schema_enum("cka.estimator")
+    assert (
+        cka.ESTIMATORS == schema_enum("cka.estimator") == ("minibatch", "linear", "debiased", "rbf")
+    )
+    assert schema_enum("activations.dtype") == store.DTYPES and "bfloat16" in store.DTYPES
+    assert schema_enum("activations.codec") == store.CODECS and "zstd" in store.CODECS
+    assert set(METHODS) == set(schema_enum("methods"))
+    assert set(data.LOADERS) == set(schema_enum("data.name"))

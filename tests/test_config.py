@@ -72,3 +72,32 @@ def test_passes_with_a_full_data_estimator_is_refused_before_anything_runs():
     with pytest.raises(ConfigError, match="needs the minibatch estimator, not linear"):
         Study(tiny_config(cka={"estimator": "linear", "passes": 3}))
     Study(tiny_config(cka={"estimator": "minibatch", "passes": 3}))  # the protocol itself
+
+
+def test_slurm_defaults_are_the_schema_s():
+    """One place for every default: a SlurmSpec built from nothing asks for what the schema
+    says (1 GPU, 1,440 minutes), as does one built from a validated config."""
+    from ckaflow.launch import STAGES, SlurmSpec
+
+    assert STAGES == ("train", "evaluate", "extract", "gram")
+    bare = SlurmSpec()
+    assert (bare.gpus, bare.time_min, bare.cpus, bare.mem_gb) == (1, 1440, 8, 32)
+    assert (bare.poll_s, bare.query_timeout_s, bare.signal_delay_s) == (5, 120, 120)
+    slurm = config.validate({})["slurm"]
+    for stage in STAGES:
+        spec = SlurmSpec.from_config(slurm, stage)
+        assert spec == SlurmSpec(data_parallel=stage == "train"), stage
+    partial = SlurmSpec.from_config({"partition": "gpu", "gram": {"gpus": 2}}, "gram")
+    assert (partial.partition, partial.gpus, partial.time_min) == ("gpu", 2, 1440)
+
+
+def test_recipe_keys_a_method_never_reads_are_no_part_of_its_run():
+    raw = config.validate(
+        {"recipes": {"supervised": {"optimizer": "sgd"}, "simclr": {"optimizer": "adamw"}}}
+    )
+    runs = {run.method: run.recipe for run in config.run_specs(raw)}
+    assert runs["supervised"].temperature is None and runs["supervised"].proj_dim is None
+    assert runs["supervised"].momentum == 0.9 and runs["supervised"].lars_eta is None
+    assert runs["simclr"].momentum is None and runs["simclr"].temperature == 0.5
+    lars = config.validate({"recipes": {"simclr": {"optimizer": "lars"}}})
+    assert config.run_specs(lars)[0].recipe.lars_eta == 0.001

@@ -1,8 +1,12 @@
 """SIGKILL every heavy stage at random points, several times; then rerun it to the end.
 
-After each kill, whatever the stage left behind is read by the stage's own reader: either there
-is no output yet (the reader refuses with a clear error) or the output is whole and equal to an
-uninterrupted run's. After the final rerun the output equals the uninterrupted run's.
+Some kills land at random moments of the run, the others inside a write: the atomic writer's
+test hook (CKAFLOW_TEST_PAUSE_WRITE, `provenance._test_pause`) holds each finished scratch output
+for a moment before its rename, and the kill falls there; that the scratch is still on disk after
+the kill proves the kill came before the rename. After each kill, whatever the stage left behind
+is read by the stage's own reader: either there is no output yet (the reader refuses with a
+clear error) or the output is whole and equal to an uninterrupted run's. After the final rerun
+the output equals the uninterrupted run's and no scratch output is left.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ import torch
 
 from ckaflow import config
 from ckaflow.errors import CkaflowError
+from ckaflow.provenance import PAUSE_WRITE
 from tests.conftest import BIN, ENV, tiny_config
 
-KILLS = 3
+# where each kill run is killed, in turn: inside a write (the first run, whose output folder is
+# empty, always reaches the write it aims at), or at a random moment (see crash_and_resume)
+KILLS = ("write", "time", "write")
+PAUSE_S = 0.4  # how long a write of a "write" kill run holds its finished scratch
 
 
 def ckaflow(*args: str) -> list[str]:
@@ -37,10 +45,14 @@ def run_to_end(cmd: list[str]) -> str:
     return result.stdout + result.stderr
 
 
-def launch(cmd: list[str], log: Path | None = None) -> subprocess.Popen:
+def launch(cmd: list[str], log: Path | None = None, pause: float | None = None) -> subprocess.Popen:
     """Start the command, its output unbuffered into `log` (so that it can be watched) or
-    nowhere."""
+    nowhere; with `pause`, each write announces itself and holds its finished scratch that many
+    seconds before the rename (`provenance._test_pause`)."""
     env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    env.pop(PAUSE_WRITE, None)
+    if pause is not None:
+        env[PAUSE_WRITE] = str(pause)
     if log is None:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with log.open("w") as sink:
@@ -71,6 +83,46 @@ def kill_after(cmd: list[str], seconds: float, working=None, log: Path | None = 
         return True
 
 
+def announced_writes(log: Path) -> list[Path]:
+    """The finished scratch outputs that the writer announced in `log` before their renames."""
+    try:
+        lines = log.read_text().split("\n")[:-1]  # whole lines only
+    except FileNotFoundError:
+        return []
+    return [Path(line.split("\t")[1]) for line in lines if line.startswith(f"{PAUSE_WRITE}\t")]
+
+
+def kill_in_write(cmd: list[str], seconds: float, log: Path, working=None) -> Path | None:
+    """Start the command with its writes paused PAUSE_S before their renames (see `launch`);
+    `seconds` after it starts working, SIGKILL it inside the write then paused, or else inside
+    the next one. The scratch output of the killed write, or None if the command ended first."""
+    proc = launch(cmd, log, pause=PAUSE_S)
+    if working is not None and not wait_until(proc, working):
+        return None
+    deadline = time.perf_counter() + seconds
+    seen: list[tuple[Path, float]] = []  # each announced scratch, and when it was first seen
+    while proc.poll() is None:
+        now = time.perf_counter()
+        seen += [(scratch, now) for scratch in announced_writes(log)[len(seen) :]]
+        # at most half the pause after its announcement: the rename is still far off
+        if now >= deadline and seen and now - seen[-1][1] < PAUSE_S / 2 and seen[-1][0].exists():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return seen[-1][0]
+        time.sleep(0.002)
+    return None
+
+
+def leftovers(out: Path) -> list[str]:
+    """Scratch outputs under `out`: `.name.partial*` (atomic_path's and the resumable stores')
+    and `.name.old-*` (replace_into_place's)."""
+    return sorted(
+        str(p.relative_to(out))
+        for p in out.rglob(".*")
+        if ".partial" in p.name or ".old-" in p.name
+    )
+
+
 def read_or_refuse(read, out: Path):
     """What a reader makes of the output: its content, or None when it refuses cleanly."""
     try:
@@ -80,14 +132,20 @@ def read_or_refuse(read, out: Path):
 
 
 def crash_and_resume(name: str, make_cmd, read, same, tmp_path: Path, working=None, span=None):
-    """Reference run; then KILLS kills at seeded random points, each followed by a reader check;
-    then a run to the end, compared. Returns the final run's output (its log).
+    """Reference run; then one kill run for each of KILLS, each followed by a reader check;
+    then a run to the end, compared, and checked for leftover scratch. Returns the final run's
+    output (its log).
 
-    Kill times count from the start of the process, between 30 % and 97 % of the reference
-    run's duration; or, with `working`, from the moment the stage starts its work, within
-    `span` (default 2 % to 97 %) of the reference run's time from then to its end.
-    `working(out, log)` is called just before each start, with the output folder and the
-    file that gets the process's output, and returns the test `ready()` of that start.
+    Kill times are drawn (seeded) as fractions of the reference run's times. A "time" kill falls
+    that long after the start of the process, between 30 % and 97 % of the reference run's
+    duration; or, with `working`, after the moment the stage starts its work, within `span`
+    (default 2 % to 97 %) of the reference run's time from then to its end. A "write" kill
+    falls inside the first write that is paused (see `kill_in_write`) that long or more after
+    the start (or the stage's start of work), between `span`'s lower end and 95 % of the
+    reference run's time to its last write; the scratch output that the write was about to
+    rename must still be there after the kill. `working(out, log)` is called just before each
+    start, with the output folder and the file that gets the process's output, and returns the
+    test `ready()` of that start.
     """
     if working is None:
         working, span = (lambda out, log: lambda: True), span or (0.3, 0.97)
@@ -96,29 +154,49 @@ def crash_and_resume(name: str, make_cmd, read, same, tmp_path: Path, working=No
     reference = tmp_path / "reference"
     log = tmp_path / "reference.log"
     ready = working(reference, log)
-    proc = launch(make_cmd(reference), log)
+    proc = launch(make_cmd(reference), log, pause=0)  # its writes announced, not paused
     assert wait_until(proc, ready), f"{name}: the reference run ended before it started working"
     started = time.perf_counter()
-    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    writes, last_write = 0, None
+    while proc.poll() is None:  # when was the last write announced
+        if len(announced_writes(log)) > writes:
+            writes, last_write = len(announced_writes(log)), time.perf_counter() - started
+        time.sleep(0.002)
     duration = time.perf_counter() - started
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert announced_writes(log), f"{name}: the stage wrote nothing through the atomic writer"
+    if len(announced_writes(log)) > writes:  # announced as it ended
+        last_write = duration
     expected = read(reference)
+    assert leftovers(reference) == [], f"{name}: an uninterrupted run left scratch outputs"
     out = tmp_path / "crashed"
     rng = random.Random(f"crash-{name}")  # seeded: the same kill points on every run
-    killed = 0
-    for i in range(KILLS):
+    killed, in_write = 0, 0
+    for i, kind in enumerate(KILLS):
         log = tmp_path / f"crashed-{i}.log"
         ready = working(out, log)
-        killed += kill_after(make_cmd(out), rng.uniform(*span) * duration, ready, log)
+        if kind == "write":
+            scratch = kill_in_write(
+                make_cmd(out), rng.uniform(span[0], 0.95) * last_write, log, ready
+            )
+            if scratch is not None:
+                assert scratch.exists(), f"{name}: the kill missed the write of {scratch}"
+                in_write += 1
+            killed += scratch is not None
+        else:
+            killed += kill_after(make_cmd(out), rng.uniform(*span) * duration, ready, log)
         seen = read_or_refuse(read, out)
         assert seen is None or same(seen, expected), f"{name}: a half-written output was read"
     assert killed, f"{name}: no kill landed inside the stage; widen its time span"
+    assert in_write, f"{name}: no kill landed inside a write"
     final = run_to_end(make_cmd(out))
     assert same(read(out), expected), f"{name}: resumed output differs"
+    assert leftovers(out) == [], f"{name}: the final rerun left scratch outputs"
     return final
 
 
 def _model_state(run_dir: Path):
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network
 
     net, _ = load_network(run_dir / "model.pt")
     losses = pd.read_parquet(run_dir / "metrics.parquet")["loss"].tolist()
@@ -192,7 +270,10 @@ def test_gram_killed_at_random_points(activations, tmp_path):
     def read(out):
         return _store_arrays(out / "g.zarr", open_gram)
 
-    crash_and_resume("gram", cmd, read, _same_arrays, tmp_path)
+    def working(out, log):  # kill times count from the first layer written into the scratch
+        return _new_scratch(out, "g.zarr")
+
+    crash_and_resume("gram", cmd, read, _same_arrays, tmp_path, working=working)
 
 
 def _partial(out: Path) -> Path:
@@ -299,6 +380,37 @@ def test_tile_and_merge_killed_at_random_points(grams, tmp_path):
 
     crash_and_resume("merge", merge_cmd, read_merged, _same_table, tmp_path / "m")
     assert len(read_merged(tmp_path / "m" / "crashed")) == 28 * 27
+
+
+def _new_scratch(out: Path, name: str):
+    """When a stage started on `out` has started writing `name`: a scratch of it appears that
+    was not there before the start (a killed run's scratch is there until the rerun's writer
+    deletes it)."""
+    before = set(out.glob(f".{name}.partial-*"))
+    return lambda: bool(set(out.glob(f".{name}.partial-*")) - before)
+
+
+def test_kill_in_write_kills_between_write_and_rename(tmp_path):
+    """A writer of three files, killed inside the second: its scratch is left, the first file
+    is whole, the second and third are not there; a second writer deletes the scratch."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from ckaflow.provenance import atomic_path\n"
+        "for i in range(3):\n"
+        "    with atomic_path(Path(sys.argv[1]) / f'{i}.txt') as scratch:\n"
+        "        scratch.write_text(str(i))\n"
+        "    time.sleep(0.3)\n"
+    )
+    cmd = [str(BIN / "python"), "-c", script, str(tmp_path)]
+    log = tmp_path / "log"
+    scratch = kill_in_write(cmd, 0.15, log, lambda: (tmp_path / "0.txt").exists())
+    assert scratch is not None and scratch.exists(), log.read_text()
+    assert scratch.name.startswith(".1.txt.partial-") and scratch.read_text() == "1"
+    assert sorted(p.name for p in tmp_path.glob("*.txt")) == ["0.txt"]
+    run_to_end(cmd)
+    assert leftovers(tmp_path) == []
+    assert [(tmp_path / f"{i}.txt").read_text() for i in range(3)] == ["0", "1", "2"]
 
 
 def test_kill_after_reports_whether_it_killed():

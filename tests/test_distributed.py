@@ -72,30 +72,72 @@ def test_a_batch_that_does_not_split_evenly_is_refused(monkeypatch):
 
 
 def _train_worker(rank: int, port: int, prepared: str, out: str) -> None:
+    """One rank of a real two-process run of `train_run`; saves what its own network holds at
+    the start, after the first optimiser step and at the end, to compare across ranks."""
     from ckaflow import config
-    from ckaflow.train import train_run
+    from ckaflow.train.loop import train_run
     from tests.conftest import tiny_config
 
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank)
     )
     torch.set_num_threads(1)
+    seen: dict = {}
+
+    def snapshot() -> dict:
+        net = seen["net"]
+        return {k: v.detach().clone() for k, v in [*net.named_parameters(), *net.named_buffers()]}
+
+    class Recording(torch.nn.parallel.DistributedDataParallel):
+        """DDP that keeps the network it wraps: the one this rank trains (this process only)."""
+
+        def __init__(self, module, *args, **kwargs):
+            super().__init__(module, *args, **kwargs)
+            seen["net"] = module
+            seen["start"] = snapshot()
+
+    def on_step(step: int) -> None:
+        if step == 1:
+            seen["step1"] = snapshot()
+
+    torch.nn.parallel.DistributedDataParallel = Recording
     cfg = tiny_config(recipes={"simclr": {"epochs": 1, "batch_size": 64, "optimizer": "lars"}})
     run = next(r for r in config.run_specs(cfg) if r.method == "simclr")
-    train_run(run, config.augment_spec(cfg), prepared, out, device="cpu", log=print)
+    aug = config.augment_spec(cfg)
+    train_run(run, aug, prepared, f"{out}/run", device="cpu", log=print, on_step=on_step)
+    assert "net" in seen, "train_run did not wrap its network in DistributedDataParallel"
+    states = {"start": seen["start"], "step1": seen["step1"], "final": snapshot()}
+    states["parameters"] = [k for k, _ in seen["net"].named_parameters()]
+    torch.save(states, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_simclr_trains_data_parallel_with_two_processes(prepared, tmp_path):
     import pandas as pd
 
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network
 
     mp.spawn(
         _train_worker, args=(_free_port(), str(prepared), str(tmp_path)), nprocs=WORLD, join=True
     )
-    net, meta = load_network(tmp_path / "model.pt")
+    net, meta = load_network(tmp_path / "run" / "model.pt")
     assert meta["processes"] == WORLD
-    metrics = pd.read_parquet(tmp_path / "metrics.parquet")
+    metrics = pd.read_parquet(tmp_path / "run" / "metrics.parquet")
     assert len(metrics) == 1 and metrics["loss"].between(0, 10).all()
     assert all(torch.isfinite(p).all() for p in net.state_dict().values())
+    # the ranks train on different halves of each batch, yet their weights are one: equal at
+    # the start, after the first step and at the end. (BatchNorm's running statistics are each
+    # rank's own on the CPU, where gloo has no SyncBatchNorm; model.pt holds rank 0's.)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    names = ranks[0]["parameters"]
+    assert names and names == ranks[1]["parameters"]
+    for when in ("start", "step1", "final"):
+        for name in names:
+            assert torch.equal(ranks[0][when][name], ranks[1][when][name]), (when, name)
+    saved = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["model"]
+    assert sorted(saved) == sorted(ranks[0]["final"])
+    for name, value in ranks[0]["final"].items():
+        assert torch.equal(value, saved[name]), name
+    # the steps changed the weights (equal because untouched would prove nothing)
+    for before, after in (("start", "step1"), ("step1", "final")):
+        assert any(not torch.equal(ranks[0][before][k], ranks[0][after][k]) for k in names)

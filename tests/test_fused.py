@@ -90,8 +90,7 @@ def test_gram_products_are_float32_under_bf16_autocast(trained, prepared, tmp_pa
     """The forward runs in bf16, the Gram product must not: the stored Gram of a block equals
     the float32 product of that block's (bf16) activations, centred, to float32 precision."""
     from ckaflow.data import open_prepared
-    from ckaflow.models import record_layers
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network, record_layers
 
     layer = "layer3.0.relu1"
     out = _fused(trained, prepared, tmp_path / "g.zarr", precision="bf16", layers=[layer])

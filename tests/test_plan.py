@@ -25,18 +25,18 @@ def test_predicted_store_bytes_equal_the_stored_arrays(activations, study_config
 
 def test_predicted_selection_bytes_equal_a_real_selection_store(trained, prepared, tmp_path):
     """The study's stored selection (activations.store), written as the workflow writes it."""
+    from dataclasses import asdict
+
     from ckaflow.activations import extract
 
     cfg = tiny_config(activations={"store": {"layers": {"kinds": ["pool", "out"]}, "examples": 40}})
     study, costs = Study(cfg), study_costs(cfg)
     run = next(r.run_id for r in config.run_specs(cfg) if r.method == "supervised")
-    spec = study.store_spec(Side(run, "aug1"))
+    spec = {**asdict(study.extract_spec(Side(run, "aug1"))), "chunk_rows": 16}
     assert spec["examples"] == 40 and all(
         name.endswith((".out", "pool")) for name in spec["layers"]
     )
-    path = extract(
-        trained["supervised"], prepared, "aug1", tmp_path / "s.zarr", chunk_rows=16, **spec
-    )
+    path = extract(trained["supervised"], prepared, "aug1", tmp_path / "s.zarr", **spec)
     store = open_store(path)
     stored = sum(store[layer["name"]].array.nbytes for layer in store.layers)
     assert costs.stored_bytes[(run, "aug1")] == stored

@@ -22,7 +22,7 @@ import yaml
 
 from ckaflow import config, data
 from ckaflow.launch import ACTIVE, SlurmSpec, StageFailed, job_state, run_stage
-from ckaflow.train import train_run
+from ckaflow.train.loop import train_run
 from tests import slurm_jobs
 from tests.conftest import ENV, REPO, snakemake_cmd, tiny_config
 
@@ -272,12 +272,15 @@ def test_a_cancelled_job_fails_the_stage_clearly(cluster, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_preempted_training_resumes_to_the_uninterrupted_weights(cluster, slow_data, tmp_path):
+    import re
+
     run, aug = _supervised(epochs=12)
     reference = _local_reference(run, aug, slow_data, tmp_path / "reference")
     out_dir, records, lines = tmp_path / "preempted", tmp_path / "records", []
     thread, box = _train_in_thread(run, aug, slow_data, out_dir, records, _spec(), lines)
     _wait_for(lambda: _checkpoint_epoch(out_dir) >= 2, 120, "two epochs on SLURM")
     record = _record(records)
+    before = _checkpoint_epoch(out_dir)  # a checkpoint the job had written before the signals
     # what a preemption sends, as submitit's SlurmJob._interrupt does, but with a pause: sent
     # back to back, a late SIGTERM can hit the `scontrol requeue` that USR2 starts (seen in CI)
     for sig in ("SIGTERM", "USR2"):
@@ -288,7 +291,22 @@ def test_preempted_training_resumes_to_the_uninterrupted_weights(cluster, slow_d
     log = (
         out_dir.parent / "records" / "jobs" / "train" / f"{record['job_id']}_0_log.out"
     ).read_text()
-    assert "resumed" in log and "from epoch" in log  # the epoch counter went on
+    # The job's story, in order: each finished epoch's line (logged right after that epoch's
+    # checkpoint is written) and the resume line of the requeued job. It resumed from the last
+    # checkpoint the preempted job wrote: after epoch 0, at least the one seen before the
+    # signals, none of its epochs trained twice and none skipped.
+    story = []
+    for line in log.splitlines():
+        if found := re.search(rf"resumed {run.run_id} from epoch (\d+) step (\d+)/\d+", line):
+            story.append(("resumed", int(found[1]), int(found[2])))
+        elif found := re.search(rf"{run.run_id} epoch (\d+)/12 loss ", line):
+            story.append(("epoch", int(found[1])))
+    resumes = [i for i, event in enumerate(story) if event[0] == "resumed"]
+    assert len(resumes) == 1, log[-4000:]  # one preemption, one resume
+    _, epoch, step = story[resumes[0]]
+    assert 2 <= before <= epoch and step == 0, (before, epoch, step)  # an epoch's end checkpoint
+    assert story[: resumes[0]] == [("epoch", k) for k in range(1, epoch + 1)], log[-4000:]
+    assert story[resumes[0] + 1 :] == [("epoch", k) for k in range(epoch + 1, 13)], log[-4000:]
     metrics = pd.read_parquet(out_dir / "metrics.parquet")
     assert metrics["epoch"].tolist() == list(range(1, 13))
     a, b = _weights(reference), _weights(out_dir / "model.pt")

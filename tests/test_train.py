@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ckaflow import config
-from ckaflow.train import train_run
-from ckaflow.train.loop import load_network
+from ckaflow.models import load_network
+from ckaflow.train.loop import train_run
 from ckaflow.train.losses import nt_xent
 from tests.conftest import tiny_config
 
@@ -185,7 +185,7 @@ def test_untrained_baseline_gets_batchnorm_statistics_of_the_training_images(fas
     batch means), no longer the initial 0 and 1."""
     from ckaflow.data import load_fashion_mnist
     from ckaflow.evaluate import calibrate_batchnorm
-    from ckaflow.train.loop import initial_network
+    from ckaflow.models import initial_network
 
     run = config.run_specs(tiny_config())[0]
     attrs = {"image_shape": [1, 28, 28], "num_classes": 10}
@@ -210,7 +210,7 @@ def test_untrained_baseline_gets_batchnorm_statistics_of_the_training_images(fas
 def test_model_init_decides_which_runs_share_initial_weights(
     mode, same_seed_methods, same_method_seeds
 ):
-    from ckaflow.train.loop import initial_network
+    from ckaflow.models import initial_network
 
     cfg = tiny_config(model={"init": mode}, seeds=[0, 1])
     runs = {(r.method, r.seed): r for r in config.run_specs(cfg)}

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ckaflow import config
-from ckaflow.train import loop, simclr, train_run
+from ckaflow.train import loop, simclr
+from ckaflow.train.loop import train_run
 from tests.conftest import tiny_config
 from tests.test_train import crash_twice_and_resume
 

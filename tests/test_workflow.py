@@ -151,7 +151,14 @@ def planned_jobs(workdir: Path, **changes) -> dict[str, int]:
     cfg = yaml.safe_load(TINY.read_text())
     for key, value in changes.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    changed = workdir / "changed.yaml"
+    return dry_run(workdir, cfg)
+
+
+def dry_run(workdir: Path, cfg: dict, name: str = "changed") -> dict[str, int]:
+    """The jobs `snakemake -n` would run for the study `cfg` in `workdir`: rule -> count."""
+    import yaml
+
+    changed = workdir / f"{name}.yaml"
     changed.write_text(yaml.safe_dump(cfg))
     cmd = snakemake_cmd(workdir, changed, "--dry-run")
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
@@ -164,6 +171,36 @@ def planned_jobs(workdir: Path, **changes) -> dict[str, int]:
     jobs = {rule: int(count) for rule, count in jobs.items() if rule != "total"}
     jobs.pop("all", None)
     return jobs
+
+
+@pytest.mark.e2e
+def test_every_config_key_reruns_what_the_readme_table_says(finished):
+    """Each leaf of the schema, changed alone after a complete run: `snakemake -n` plans
+    exactly the jobs of its row in tests/rerun_table.py, the table README.md shows."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ckaflow import config
+    from tests import rerun_table
+
+    study = config.load(TINY)
+    keys = rerun_table.leaves()
+    assert len(keys) > 90 and "cka.bootstrap" in keys and "slurm.gram.time_min" in keys
+    unmatched = [key for key in keys if rerun_table.row_for(key) is None]
+    assert not unmatched, f"keys with no row in tests/rerun_table.py: {unmatched}"
+
+    def plan(key: str) -> dict[str, int]:
+        return dry_run(finished, rerun_table.changed_config(study, key), f"key-{key}")
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = dict(zip(keys, pool.map(plan, keys), strict=True))
+    wrong = {
+        key: {"expected": rerun_table.row_for(key)[1], "planned": jobs}
+        for key, jobs in got.items()
+        if jobs != rerun_table.row_for(key)[1]
+    }
+    assert not wrong, wrong
+    readme = (REPO / "README.md").read_text()
+    assert rerun_table.markdown() in readme, "README's rerun table: python -m tests.rerun_table"
 
 
 @pytest.mark.e2e

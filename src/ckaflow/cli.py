@@ -13,8 +13,9 @@ import os
 import sys
 import time
 
+from ckaflow.config import schema_enum
+
 # the CKA estimators, without importing the numeric code (kept in step by tests/test_cli.py)
-ESTIMATORS = ["minibatch", "linear", "debiased", "rbf"]
 
 
 # a full disk, a read-only or forbidden folder: the user's to fix, so a message, not a traceback
@@ -46,6 +47,10 @@ def cmd_prepare(args) -> None:
     from ckaflow import config, data
 
     spec = json.loads(args.spec)
+    if args.root is not None:  # where the files are is no part of the spec (data.root)
+        spec["data"]["root"] = args.root
+    if "root" not in spec["data"]:
+        raise config.ConfigError("ckaflow prepare needs --root (or data.root in --spec)")
     data.prepare(
         config.DataSpec(**spec["data"]),
         config.augment_spec_from_dict(spec["augment"]),
@@ -71,8 +76,7 @@ def _launch(args, stage: str, fn, kwargs: dict, key: str):
 
 def cmd_train(args) -> None:
     from ckaflow import config
-    from ckaflow.train import train_run
-    from ckaflow.train.loop import CheckpointPolicy
+    from ckaflow.train.loop import CheckpointPolicy, train_run
 
     _set_threads(args.threads)
     spec = json.loads(args.spec)
@@ -123,6 +127,9 @@ def cmd_extract(args) -> None:
     )
 
 
+LABEL_GRAM_KEYS = ("estimator", "batch_size", "passes", "seed", "examples")
+
+
 def cmd_gram(args) -> None:
     from ckaflow.cka.gram import gram_store, label_gram_store
 
@@ -133,8 +140,11 @@ def cmd_gram(args) -> None:
         "passes": args.passes,
         "seed": args.seed,
     }
+    spec = json.loads(args.spec) if args.spec else {}
     if args.labels:
-        label_gram_store(args.source, examples=args.examples or None, **common)
+        common["examples"] = args.examples or None
+        common.update({k: v for k, v in spec.items() if k in LABEL_GRAM_KEYS})
+        label_gram_store(args.source, **common)
     elif args.source:
         kwargs = {"activations": args.source, "device": args.device, **common}
         _launch(args, "gram", gram_store, kwargs, key=args.out)
@@ -148,7 +158,7 @@ def cmd_gram(args) -> None:
             args,
             "gram",
             fused_gram_store,
-            args.spec,
+            json.dumps(spec),
             view=args.view,
             flush_s=args.flush_s,
             **common,
@@ -157,7 +167,14 @@ def cmd_gram(args) -> None:
 
 def cmd_tile(args) -> None:
     from ckaflow.cka.tiles import compute_tile
+    from ckaflow.errors import ConfigError
 
+    if args.spec:  # the workflow's TileSpec: every setting in one argument
+        spec = json.loads(args.spec)
+        args.rows, args.cols = range(*spec.pop("rows")), range(*spec.pop("cols"))
+        vars(args).update(spec)
+    if args.kind is None or args.rows is None or args.cols is None:
+        raise ConfigError("ckaflow tile needs --spec, or --kind, --rows and --cols")
     compute_tile(
         args.comparison,
         args.kind,
@@ -230,12 +247,22 @@ def build_parser() -> argparse.ArgumentParser:
         )
 
     def torch_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        p.add_argument(
+            "--device",
+            default=os.environ.get("CKAFLOW_DEVICE", "auto"),
+            choices=schema_enum("device"),
+            help="default: $CKAFLOW_DEVICE or auto",
+        )
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
         backend_options(p)
 
     p = stage("prepare", cmd_prepare, "prepare the data store (subsets and eval views)")
     p.add_argument("--spec", required=True, help="JSON: {data, augment}")
+    p.add_argument(
+        "--root",
+        default=os.environ.get("CKAFLOW_DATA_ROOT"),
+        help="folder of the data set's files (default: $CKAFLOW_DATA_ROOT, or data.root in --spec)",
+    )
     p.add_argument("--out", required=True)
 
     p = stage("train", cmd_train, "train one run (resumes from its checkpoint)")
@@ -288,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spec",
         default=None,
-        help="JSON: {layers, examples, precision, channels_last} (fused stage; optional)",
+        help="JSON: {estimator, batch_size, passes, seed, examples, layers, precision,"
+        " channels_last} (the workflow's; overrides those options)",
     )
     p.add_argument(
         "--flush-s",
@@ -300,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", action="store_true", help="use the one-hot eval labels")
     p.add_argument("--examples", type=int, default=0, help="first n examples (0: all; --labels)")
     p.add_argument("--out", required=True)
-    p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
+    p.add_argument("--estimator", default="minibatch", choices=schema_enum("cka.estimator"))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument(
         "--passes",
@@ -315,12 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("tile", cmd_tile, "CKA of a tile of layer pairs from two Gram stores")
     p.add_argument("--comparison", required=True)
-    p.add_argument("--kind", required=True)
+    p.add_argument("--kind", default=None, choices=schema_enum("cka.comparisons"))
     p.add_argument("--a", required=True, help="Gram store of the row side")
     p.add_argument("--b", required=True, help="Gram store of the column side")
-    p.add_argument("--rows", type=_range, required=True, help="layer index range START:STOP")
-    p.add_argument("--cols", type=_range, required=True, help="layer index range START:STOP")
-    p.add_argument("--estimator", default="minibatch", choices=ESTIMATORS)
+    p.add_argument("--rows", type=_range, default=None, help="layer index range START:STOP")
+    p.add_argument("--cols", type=_range, default=None, help="layer index range START:STOP")
+    p.add_argument(
+        "--spec",
+        default=None,
+        help="JSON: {kind, rows: [start, stop], cols, estimator, bootstrap, seed} (the workflow's;"
+        " instead of those options)",
+    )
+    p.add_argument("--estimator", default="minibatch", choices=schema_enum("cka.estimator"))
     p.add_argument("--bootstrap", type=int, default=0, help="replicates for the CI (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--out", required=True)

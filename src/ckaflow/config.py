@@ -7,6 +7,7 @@ and defaults; Snakemake validates against the same file before any job runs.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -28,8 +29,32 @@ def schema_path() -> Path:
     return Path(str(resources.files("ckaflow") / "schema" / "config.schema.yaml"))
 
 
-def load_schema() -> dict[str, Any]:
+@functools.cache
+def _schema() -> dict[str, Any]:
     return yaml.safe_load(schema_path().read_text())
+
+
+def load_schema() -> dict[str, Any]:
+    return copy.deepcopy(_schema())
+
+
+def schema_node(key: str) -> dict[str, Any]:
+    """The schema of one config key, dotted ("cka.estimator", "slurm.train"); through arrays
+    to their items."""
+    node = _schema()
+    for part in key.split("."):
+        node = node["properties"][part]
+    return node.get("items", node) if node.get("type") == "array" else node
+
+
+def schema_enum(key: str) -> tuple:
+    """The allowed values of a config key: the schema is the one list of every choice."""
+    return tuple(schema_node(key)["enum"])
+
+
+def schema_defaults(key: str) -> dict[str, Any]:
+    """The defaults of an object-valued config key ("slurm"), nested ones filled in."""
+    return validate({})[key]
 
 
 def _validator_with_defaults(schema: dict[str, Any]) -> jsonschema.protocols.Validator:
@@ -80,20 +105,6 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# Settings that change how or where a study runs, how figures look, or which activations are
-# written for inspection, but never a number in a table: left out of the config hash that
-# tables record, so changing them reruns nothing downstream.
-NOT_IN_RESULTS = ("backend", "slurm", "checkpoint", "plots")
-STORE_ONLY = ("store", "batch_size", "chunk_rows", "dtype", "codec", "level")  # of activations
-
-
-def results_hash(config: dict[str, Any]) -> str:
-    kept = {k: v for k, v in config.items() if k not in NOT_IN_RESULTS}
-    if isinstance(kept.get("activations"), dict):
-        kept["activations"] = {k: v for k, v in kept["activations"].items() if k not in STORE_ONLY}
-    return stable_hash(kept)
-
-
 # ---------------------------------------------------------------------------------------------
 # Typed, frozen views of the parts each stage needs.
 
@@ -116,14 +127,11 @@ class AugmentSpec:
     grayscale_p: float
 
 
-INIT_MODES = ("seed", "seed-and-method", "shared")
-
-
 @dataclass(frozen=True)
 class ModelSpec:
     arch: str
     width: int
-    init: str = "seed"  # where initial weights come from: see INIT_MODES and the schema
+    init: str = "seed"  # where initial weights come from: see model.init in the schema
 
 
 @dataclass(frozen=True)
@@ -132,12 +140,12 @@ class RecipeSpec:
     batch_size: int
     optimizer: str
     lr: float
-    momentum: float
+    momentum: float | None  # None where unread: see used_recipe
     weight_decay: float
     warmup_epochs: int
-    temperature: float
-    proj_dim: int
-    lars_eta: float
+    temperature: float | None
+    proj_dim: int | None
+    lars_eta: float | None
     precision: str
     channels_last: bool | str  # auto | True | False: see models.forward_settings
 
@@ -154,6 +162,10 @@ class RunSpec:
     @property
     def run_id(self) -> str:
         return run_id(self.method, self.model, self.seed)
+
+    def head_outputs(self, num_classes: int) -> int:
+        """Outputs of the network's head: SimCLR's projection, or one logit per class."""
+        return self.recipe.proj_dim if self.method == "simclr" else num_classes
 
     @property
     def init_id(self) -> str:
@@ -207,10 +219,24 @@ def cka_spec(cfg: dict[str, Any]) -> CkaSpec:
     return CkaSpec(**cka)
 
 
+def used_recipe(method: str, recipe: dict[str, Any]) -> RecipeSpec:
+    """A method's recipe with the keys its training never reads set to None (SimCLR's
+    temperature and projection for supervised runs, momentum for AdamW, LARS's trust
+    coefficient for other optimisers), so that changing them retrains nothing."""
+    used = dict(recipe)
+    if method != "simclr":
+        used["temperature"] = used["proj_dim"] = None
+    if used["optimizer"] == "adamw":
+        used["momentum"] = None
+    if used["optimizer"] != "lars":
+        used["lars_eta"] = None
+    return RecipeSpec(**used)
+
+
 def run_specs(cfg: dict[str, Any]) -> list[RunSpec]:
     model = model_spec(cfg)
     return [
-        RunSpec(method, model, seed, RecipeSpec(**cfg["recipes"][method]))
+        RunSpec(method, model, seed, used_recipe(method, cfg["recipes"][method]))
         for method in cfg["methods"]
         for seed in cfg["seeds"]
     ]

@@ -8,6 +8,7 @@ model sees the very same pixels.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import struct
 from dataclasses import dataclass
@@ -255,6 +256,12 @@ def prepare(spec: DataSpec, aug: AugmentSpec, out: str | Path, chunk_rows: int =
     scaled = train_images.astype(np.float64) / 255
     mean = scaled.mean(axis=(0, 2, 3)).tolist()
     std = scaled.std(axis=(0, 2, 3)).tolist()
+    # the data's identity is its content, not the folder it was read from (data.root)
+    content = hashlib.sha256()
+    labels = (source.train_labels[train_idx], source.test_labels[eval_idx])
+    for values in (train_images, eval_images, *labels):
+        content.update(np.ascontiguousarray(values).tobytes())
+    identity = {k: v for k, v in to_jsonable(spec).items() if k != "root"}
 
     out = Path(out)
     with atomic_path(out) as scratch:
@@ -278,7 +285,8 @@ def prepare(spec: DataSpec, aug: AugmentSpec, out: str | Path, chunk_rows: int =
                 views=list(VIEWS),
                 spec=to_jsonable(spec),
                 augment=to_jsonable(aug),
-                spec_hash=stable_hash([to_jsonable(spec), to_jsonable(aug)]),
+                content_sha256=content.hexdigest(),
+                spec_hash=stable_hash([identity, to_jsonable(aug), content.hexdigest()]),
                 complete=True,
             )
         )

@@ -136,9 +136,8 @@ def probe_run(
     `out` (parquet), one row per encoder and layer."""
     from ckaflow.config import run_spec_from_dict
     from ckaflow.data import open_prepared
-    from ckaflow.models import resolve_device
+    from ckaflow.models import initial_network, load_network, resolve_device
     from ckaflow.provenance import atomic_path, code_version
-    from ckaflow.train.loop import initial_network, load_network
 
     dev = resolve_device(device)
     trained, meta = load_network(model_path)

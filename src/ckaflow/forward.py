@@ -46,8 +46,7 @@ class ViewPass:
         import torch
 
         from ckaflow.data import open_prepared
-        from ckaflow.models import forward_settings, resolve_device
-        from ckaflow.train.loop import load_network
+        from ckaflow.models import forward_settings, load_network, resolve_device
 
         dev = resolve_device(device)
         amp, cl = forward_settings(precision, channels_last, dev)

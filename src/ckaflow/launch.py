@@ -21,9 +21,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckaflow.config import stable_hash
+from ckaflow.config import schema_defaults, stable_hash
 from ckaflow.errors import CkaflowError
 from ckaflow.provenance import atomic_path
+from ckaflow.study import RESULTS, Study
 
 ACTIVE = {
     "PENDING",
@@ -38,15 +39,18 @@ ACTIVE = {
     "STAGE_OUT",
     "SIGNALING",
 }
-RECORDS = Path("results/.slurm")
+RECORDS = Path(Study.slurm_records())
 # Arguments of a stage that change how it runs, never what it writes: with the SLURM settings
 # they are left out of a job's identity (training's checkpoint policy, the Gram stage's flush
 # interval), so changing them never makes a second job for one output.
-EXECUTION_KWARGS = ("policy", "flush_s")
+EXECUTION_KWARGS = ("policy", "flush_s", "device")
 CANCEL_WAIT_S = 300.0  # how long a cancelled job may take to end before the stage gives up
 
 
-STAGES = ("train", "evaluate", "extract", "gram")  # the heavy stages, each with its resources
+_SLURM_DEFAULTS = schema_defaults("slurm")
+# the heavy stages, each with its resources: train, evaluate, extract, gram
+STAGES = tuple(k for k, v in _SLURM_DEFAULTS.items() if isinstance(v, dict))
+_STAGE_DEFAULTS = _SLURM_DEFAULTS["train"]  # every stage has the same keys and defaults
 
 
 class StageFailed(CkaflowError):
@@ -55,23 +59,24 @@ class StageFailed(CkaflowError):
 
 @dataclass(frozen=True)
 class SlurmSpec:
-    """Where and with what a stage's job runs (config keys `slurm.*` and `slurm.<stage>.*`)."""
+    """Where and with what a stage's job runs (config keys `slurm.*` and `slurm.<stage>.*`).
+    Its defaults are the schema's, the one place they are written."""
 
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus: int = 0
-    gres: str | None = None
-    cpus: int = 2
-    mem_gb: float = 8
-    time_min: int = 60
-    constraint: str | None = None
-    extra: dict = field(default_factory=dict)
-    setup: tuple[str, ...] = ()
-    max_requeues: int = 3
-    signal_delay_s: int = 120
-    poll_s: float = 2.0
-    query_timeout_s: float = 60.0
+    partition: str | None = _SLURM_DEFAULTS["partition"]
+    account: str | None = _SLURM_DEFAULTS["account"]
+    qos: str | None = _SLURM_DEFAULTS["qos"]
+    gpus: int = _STAGE_DEFAULTS["gpus"]
+    gres: str | None = _STAGE_DEFAULTS["gres"]
+    cpus: int = _STAGE_DEFAULTS["cpus"]
+    mem_gb: float = _STAGE_DEFAULTS["mem_gb"]
+    time_min: int = _STAGE_DEFAULTS["time_min"]
+    constraint: str | None = _STAGE_DEFAULTS["constraint"]
+    extra: dict = field(default_factory=lambda: dict(_STAGE_DEFAULTS["extra"]))
+    setup: tuple[str, ...] = tuple(_STAGE_DEFAULTS["setup"])
+    max_requeues: int = _SLURM_DEFAULTS["max_requeues"]
+    signal_delay_s: int = _SLURM_DEFAULTS["signal_delay_s"]
+    poll_s: float = _SLURM_DEFAULTS["poll_s"]
+    query_timeout_s: float = _SLURM_DEFAULTS["query_timeout_s"]
     data_parallel: bool = False  # one task per GPU (training); other stages use one task
 
     @classmethod
@@ -222,7 +227,7 @@ def run_stage(
         executor = submitit.AutoExecutor(
             folder=folder, cluster="slurm", slurm_max_num_timeout=spec.max_requeues
         )
-        name = f"ckaflow-{stage}:{key.removeprefix('results/')}"
+        name = f"ckaflow-{stage}:{key.removeprefix(f'{RESULTS}/')}"
         executor.update_parameters(**spec.executor_parameters(name))
         job = executor.submit(StageJob(fn, spec.cpus), kwargs)
         record = {

@@ -9,13 +9,17 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ckaflow.config import ModelSpec
+from ckaflow.augment import hash_seed
+from ckaflow.config import ModelSpec, RunSpec
+from ckaflow.errors import CheckpointError
 from ckaflow.layers import ARCHS, CIFAR_STEM_MAX_SIZE, Layer, head_layer_names, layer_registry
+from ckaflow.train import checkpoint
 
 
 class Encoder(ResNet):
@@ -182,3 +186,46 @@ def forward_settings(
         precision = "bf16" if gpu else "fp32"
     amp = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return amp, gpu if channels_last == "auto" else bool(channels_last)
+
+
+# -- building and loading networks ---------------------------------------------------------
+
+
+def build_network(method: str, spec: ModelSpec, data_attrs: dict, head_outputs: int) -> Network:
+    channels, size, _ = data_attrs["image_shape"]
+    return Network(method, spec, channels, size, head_outputs)
+
+
+def initial_network(run: RunSpec, data_attrs: dict) -> Network:
+    """The run's network as training starts (seeded): also the untrained probe baseline."""
+    torch.manual_seed(init_seed(run))
+    return build_network(
+        run.method, run.model, data_attrs, run.head_outputs(data_attrs["num_classes"])
+    )
+
+
+def init_seed(run: RunSpec) -> int:
+    """The torch seed of the run's initial weights (`model.init` in the config)."""
+    if run.model.init == "shared":
+        return hash_seed(0, 0xC0FFEE)
+    if run.model.init == "seed-and-method":
+        method = sum(ord(c) << (8 * i) for i, c in enumerate(run.method[:7]))
+        return hash_seed(run.seed, method, 0xC0FFEE)
+    return hash_seed(run.seed, 0xC0FFEE)
+
+
+def load_network(model_path: str | Path) -> tuple[Network, dict]:
+    """Rebuild a trained network from `model.pt`, in eval mode."""
+    state = checkpoint.load(Path(model_path))
+    meta = state.get("meta")
+    if not meta or "run_spec" not in meta:
+        raise CheckpointError(
+            f"{model_path}: a training checkpoint or foreign file, not a finished model.pt "
+            "(it has no run metadata); rerun the train stage"
+        )
+    run = meta["run_spec"]
+    net = build_network(
+        run["method"], ModelSpec(**run["model"]), meta["data_attrs"], meta["head_outputs"]
+    )
+    net.load_state_dict(state["model"])
+    return net.eval(), meta

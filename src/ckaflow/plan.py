@@ -107,7 +107,7 @@ def forward_flops(run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: 
     from ckaflow.models import Network
 
     channels, size, _ = image_shape
-    out = run.recipe.proj_dim if run.method == "simclr" else classes
+    out = run.head_outputs(classes)
     with torch.device("meta"):
         net = Network(run.method, run.model, channels, size, out).eval()
         with FlopCounterMode(display=False) as counter:
@@ -146,7 +146,7 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         train[run_id] = TRAIN_FLOPS_PER_FORWARD * forward[run_id] * images
     for run_id, view in run_views:
         run, side = study.runs[run_id], Side(run_id, view)
-        head = run.recipe.proj_dim if run.method == "simclr" else classes
+        head = run.head_outputs(classes)
         sizes = layer_features(run.model.arch, run.model.width, image_shape[1], run.method, head)
         chosen = {layer.name: sizes[layer.name] for layer in study.layers(side)}
         all_bytes[(run_id, view)] = sum(chosen.values()) * n * dtype_bytes

@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ckaflow.provenance import atomic_path  # noqa: E402
+from ckaflow.study import FIGURE_FORMATS, figure_name  # noqa: E402
 from ckaflow.tables import read_table  # noqa: E402
 
 EVERY_LAYER_MAX = 20  # up to this many drawn layers, every one gets a tick
@@ -114,7 +115,7 @@ HEATMAP_STAGE_LINE = {"color": "white", "gapcolor": "black", "linewidth": 0.5, "
 CURVE_STAGE_LINE = {"color": "0.55", "linewidth": 0.6, "zorder": 0}
 
 
-FORMATS = ("png", "pdf")
+FORMATS = FIGURE_FORMATS
 
 
 def _save(fig, path: Path) -> list[Path]:
@@ -463,6 +464,11 @@ def plot_all(
         return _plot_all(table, out_dir, probes)
 
 
+def png(out_dir: Path, kind: str, *parts: str) -> Path:
+    """Where a figure goes (its PDF alongside): named by `study.figure_name`."""
+    return out_dir / f"{figure_name(kind, *parts)}.png"
+
+
 def _plot_all(table, out_dir, probes) -> list[Path]:
     frame = read_table(table)
     out_dir = Path(out_dir)
@@ -470,31 +476,31 @@ def _plot_all(table, out_dir, probes) -> list[Path]:
     for _, group in frame[frame["kind"] == "within"].groupby("comparison"):
         run, view = group["run_a"].iloc[0], group["view_a"].iloc[0]
         title = f"Within-model CKA: {run} ({view})"
-        written += heatmap(group, title, out_dir / f"within-{run}.{view}.png")
+        written += heatmap(group, title, png(out_dir, "within", run, view))
     cross = frame[frame["kind"] == "cross"]
     for _, group in cross.groupby("comparison"):
         run_a, run_b = group["run_a"].iloc[0], group["run_b"].iloc[0]
         title = f"Cross-model CKA: {run_a} vs {run_b}"
-        written += heatmap(group, title, out_dir / f"cross-{run_a}-vs-{run_b}.png")
+        written += heatmap(group, title, png(out_dir, "cross", run_a, run_b, ""))
         for part, kind, what in (
             ("odd", "residual", "Residual-branch"),
             ("even", "out", "Post-residual"),
         ):
             sub = group[(group["layer_kind_a"] == kind) & (group["layer_kind_b"] == kind)]
             title = f"{what} ({part}) layers: {run_a} vs {run_b}"
-            written += heatmap(sub, title, out_dir / f"cross-{part}-{run_a}-vs-{run_b}.png")
+            written += heatmap(sub, title, png(out_dir, "cross", run_a, run_b, part))
     if len(cross):
-        written += cross_diagonal(cross, out_dir / "cross-diagonal.png")
+        written += cross_diagonal(cross, png(out_dir, "cross-diagonal"))
     invariance = frame[(frame["kind"] == "invariance") & (frame["layer_a"] == frame["layer_b"])]
     if len(invariance):
         title, ylabel = "Augmentation invariance per layer", "CKA between views"
-        written += depth_curves(invariance, title, ylabel, out_dir / "invariance.png")
+        written += depth_curves(invariance, title, ylabel, png(out_dir, "invariance"))
     classes = frame[frame["kind"] == "class"]
     if len(classes):
         title, ylabel = "Class structure per layer", "CKA(layer, one-hot labels)"
-        written += depth_curves(classes, title, ylabel, out_dir / "class.png")
+        written += depth_curves(classes, title, ylabel, png(out_dir, "class"))
     if probes is not None:
-        written += probe_curves(read_table(probes, "probes"), out_dir / "probes.png")
+        written += probe_curves(read_table(probes, "probes"), png(out_dir, "probes"))
     if np.isnan(frame["value"]).any():
         print(
             f"warning: {int(np.isnan(frame['value']).sum())} CKA values are NaN (constant layers)"

@@ -8,6 +8,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -43,18 +45,57 @@ def provenance(**fields) -> dict:
     }
 
 
+def _scratch_prefix(path: Path) -> str:
+    """`.name.partial-<host>-`: the scratch names of `path` written on this host."""
+    return f".{path.name}.partial-{socket.gethostname().replace(os.sep, '_')}-"
+
+
 def _scratch_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.partial-{os.getpid()}")
+    return path.with_name(f"{_scratch_prefix(path)}{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` of this host may still run (unsure counts as running)."""
+    if os.name != "posix":  # os.kill(pid, 0) would terminate it on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs, as another user
+        return True
+    return True
+
+
+def _remove_dead_scratch(path: Path) -> None:
+    """Delete the scratch of `path` left by writers that were killed.
+
+    A pid means something only on its own host, and a cluster's shared file system holds scratch
+    of writers on other hosts, which may be running: so only scratch named with this host and a
+    pid that no longer runs here is deleted; another host's scratch is left (a live writer's
+    must never vanish under it), for a rerun on its host or `ckaflow inspect` to report. A pid
+    reused by an unrelated process keeps its stale scratch, which errs on the safe side too.
+    """
+    prefix = _scratch_prefix(path)
+    with os.scandir(path.parent) as entries:
+        stale = [e.name for e in entries if e.name.startswith(prefix)]
+    for name in stale:
+        pid = name[len(prefix) :]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):  # another rerun got there first
+                _remove(path.with_name(name))
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a scratch path to write a file or folder into; rename it onto `path` on success.
 
-    A crash leaves only a hidden `.name.partial-<pid>`, never something at `path` that looks whole.
+    A crash leaves only a hidden `.name.partial-<host>-<pid>`, never something at `path` that
+    looks whole; the next write of `path` on that host deletes it (`_remove_dead_scratch`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_scratch(path)
     scratch = _scratch_path(path)
     _remove(scratch)
     try:
@@ -74,6 +115,7 @@ def replace_into_place(finished: Path, path: Path) -> None:
     """Rename a finished file or folder onto `path`. An older folder at `path` is first renamed
     aside and deleted only after, so a kill at any moment leaves the old artifact whole, or
     nothing (which the stage then remakes), never a half-deleted one that looks finished."""
+    _test_pause(finished, path)
     for stale in path.parent.glob(f".{path.name}.old-*"):  # left by a kill between renames
         _remove(stale)
     if path.is_dir() and not path.is_symlink():
@@ -90,3 +132,17 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+PAUSE_WRITE = "CKAFLOW_TEST_PAUSE_WRITE"
+
+
+def _test_pause(finished: Path, path: Path) -> None:
+    """With CKAFLOW_TEST_PAUSE_WRITE=<seconds>: say on stderr which finished scratch is about to
+    be renamed onto which path, then wait that long, so that tests/test_crash.py can kill the
+    writer inside the write. Unset (always, outside tests) it does nothing."""
+    seconds = os.environ.get(PAUSE_WRITE)  # a test hook only: no setting reads it
+    if seconds:
+        sys.stderr.write(f"{PAUSE_WRITE}\t{finished}\t{path}\n")
+        sys.stderr.flush()
+        time.sleep(float(seconds))

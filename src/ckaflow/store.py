@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckaflow.config import schema_enum
 from ckaflow.errors import StoreError
 
-DTYPES = ("float32", "float16", "bfloat16")
-CODECS = ("zstd", "lz4", "none")
+DTYPES = schema_enum("activations.dtype")  # float32, float16, bfloat16
+CODECS = schema_enum("activations.codec")
 
 
 @dataclass(frozen=True)

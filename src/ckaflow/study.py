@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
 
 from ckaflow import config as cfg
+from ckaflow.errors import ConfigError
 from ckaflow.layers import Layer, label_layer, layer_registry, select_layers
 
 RESULTS = "results"
@@ -56,6 +57,54 @@ class Tile:
         return f"r{self.row}c{self.col}"
 
 
+# The typed spec of each stage: what its output is computed from, and nothing else.
+@dataclass(frozen=True)
+class PrepareSpec:
+    data: dict  # data set, subset sizes and seed (not where its files are: data.root)
+    augment: dict
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    run: dict  # method, model, seed and the recipe's keys that method uses
+    augment: dict
+
+
+@dataclass(frozen=True)
+class ExtractSpec:
+    layers: tuple[str, ...]
+    examples: int | None
+    precision: str
+    channels_last: bool | str
+    dtype: str
+    codec: str
+    level: int
+    batch_size: int
+    chunk_rows: int
+
+
+@dataclass(frozen=True)
+class GramSpec:
+    estimator: str
+    batch_size: int
+    passes: int
+    seed: int
+    examples: int | None
+    layers: tuple[str, ...] | None = None  # None: the labels
+    precision: str | None = None
+    channels_last: bool | str | None = None
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    kind: str
+    rows: tuple[int, int]
+    cols: tuple[int, int]
+    estimator: str
+    bootstrap: int
+    seed: int
+
+
 class Study:
     """The validated config, seen as the set of artifacts it implies."""
 
@@ -65,6 +114,14 @@ class Study:
         self.augment = cfg.augment_spec(config)
         self.cka = cfg.cka_spec(config)
         self.runs = {run.run_id: run for run in cfg.run_specs(config)}
+        for run in self.runs:  # a selection that matches nothing stops here, before any job
+            try:
+                self.stored_layers(Side(run, "clean"))
+            except ValueError as err:
+                raise ConfigError(
+                    f"activations.layers / activations.store: {err} (run {run}); the stored "
+                    "layers are chosen among the compared ones"
+                ) from None
 
     # -- layers ----------------------------------------------------------------------------
     def layers(self, side: Side) -> list[Layer]:
@@ -81,15 +138,78 @@ class Study:
         """Compare the first n eval examples (None: all)."""
         return self.config["activations"]["examples"]
 
-    def gram_spec(self, side: Side) -> dict:
-        """What the Gram stage of one run and view computes from, besides the cka settings."""
+    # -- what each stage computes from ---------------------------------------------------------
+    # A rule's params are exactly its stage's spec, so Snakemake reruns a stage when, and only
+    # when, something that determines its output changes (README.md: "What a change reruns",
+    # tested over every key of the schema). Where and how a stage runs (device, backend, slurm,
+    # checkpoint) and where the data set lives (data.root) are part of no spec.
+    def prepare_spec(self) -> PrepareSpec:
+        data = {k: v for k, v in asdict(self.data).items() if k != "root"}
+        return PrepareSpec(data, asdict(self.augment))
+
+    def train_spec(self, run: str) -> TrainSpec:
+        return TrainSpec(asdict(self.runs[run]), asdict(self.augment))
+
+    def evaluate_spec(self) -> dict:
+        return dict(self.config["evaluate"])
+
+    def extract_spec(self, side: Side) -> ExtractSpec:
+        """How one activation store is written: precision, codec, layers, examples."""
         act = self.config["activations"]
-        return {
-            "layers": [layer.name for layer in self.layers(side)],
+        return ExtractSpec(
+            layers=tuple(layer.name for layer in self.stored_layers(side)),
+            examples=self.stored_examples,
+            precision=act["precision"],
+            channels_last=act["channels_last"],
+            dtype=act["dtype"],
+            codec=act["codec"],
+            level=act["level"],
+            batch_size=act["batch_size"],
+            chunk_rows=act["chunk_rows"],
+        )
+
+    def gram_spec(self, side: Side) -> GramSpec:
+        """What the Gram statistics of one run and view (or of the labels) are computed from."""
+        act = self.config["activations"]
+        common = {
+            "estimator": self.cka.estimator,
+            "batch_size": self.cka.batch_size,
+            "passes": self.cka.passes,
+            "seed": self.data.seed,  # of the permuted passes
             "examples": self.examples,
-            "precision": act["precision"],
-            "channels_last": act["channels_last"],
         }
+        if side.is_labels:
+            return GramSpec(**common)
+        layers = tuple(layer.name for layer in self.layers(side))
+        return GramSpec(
+            **common, layers=layers, precision=act["precision"], channels_last=act["channels_last"]
+        )
+
+    def tile_spec(self, tile: Tile) -> TileSpec:
+        rows, cols = self.tile_ranges(tile)
+        return TileSpec(
+            kind=tile.comparison.kind,
+            rows=(rows.start, rows.stop),
+            cols=(cols.start, cols.stop),
+            estimator=self.cka.estimator,
+            bootstrap=self.cka.bootstrap,
+            seed=self.data.seed,  # of the bootstrap
+        )
+
+    def tables_spec(self) -> dict:
+        """The CKA table records a hash of everything its numbers depend on: the specs of the
+        stages upstream of it (so a setting that changes no number changes no hash)."""
+        sides = sorted(self.sides(), key=lambda side: side.tag)
+        upstream = [
+            asdict(self.prepare_spec()),
+            [asdict(self.train_spec(run)) for run in sorted(self.runs)],
+            [asdict(self.gram_spec(side)) for side in sides],
+            asdict(self.cka),
+        ]
+        return {"config_hash": cfg.stable_hash(upstream)}
+
+    def figures_spec(self) -> dict:
+        return dict(self.config["plots"])
 
     def stored_layers(self, side: Side) -> list[Layer]:
         """The compared layers whose activations are written for inspection (activations.store)."""
@@ -110,19 +230,6 @@ class Study:
         if wanted is None:
             return self.examples
         return wanted if self.examples is None else min(wanted, self.examples)
-
-    def store_spec(self, side: Side) -> dict:
-        """How one activation store is written: precision, codec, layers, examples."""
-        act = self.config["activations"]
-        return {
-            "dtype": act["dtype"],
-            "codec": act["codec"],
-            "level": act["level"],
-            "layers": [layer.name for layer in self.stored_layers(side)],
-            "examples": self.stored_examples,
-            "precision": act["precision"],
-            "channels_last": act["channels_last"],
-        }
 
     def activation_stores(self) -> list[str]:
         """The activation stores the study writes (none when activations.store is none)."""
@@ -215,6 +322,11 @@ class Study:
         return f"{RESULTS}/summary.md"
 
     @staticmethod
+    def slurm_records() -> str:
+        """Where `launch` keeps each SLURM job's record (outside Snakemake's outputs)."""
+        return f"{RESULTS}/.slurm"
+
+    @staticmethod
     def log(stage: str, name: str) -> str:
         return f"{RESULTS}/logs/{stage}/{name}.log"
 
@@ -261,21 +373,31 @@ class Study:
 
     def figures(self) -> list[str]:
         """Every figure the study makes, PNG and PDF (plots.plot_all writes the same set)."""
-        names = [
-            f"within-{c.a.run}.{c.a.view}" for c in self.comparisons.values() if c.kind == "within"
-        ]
+        names = []
         for c in self.comparisons.values():
+            if c.kind == "within":
+                names.append(figure_name("within", c.a.run, c.a.view))
             if c.kind == "cross":
-                names += [f"cross{part}-{c.a.run}-vs-{c.b.run}" for part in ("", "-odd", "-even")]
+                names += [figure_name("cross", c.a.run, c.b.run, part) for part in CROSS_PARTS]
         kinds = {c.kind for c in self.comparisons.values()}
-        names += [
-            name
-            for kind, name in (
-                ("cross", "cross-diagonal"),
-                ("invariance", "invariance"),
-                ("class", "class"),
-            )
-            if kind in kinds
-        ]
-        names.append("probes")
-        return [f"{Study.FIGURES}/{name}.{ext}" for name in names for ext in ("png", "pdf")]
+        names += [figure_name(summary) for kind, summary in SUMMARY_FIGURES if kind in kinds]
+        names.append(figure_name("probes"))
+        return [f"{Study.FIGURES}/{name}.{ext}" for name in names for ext in FIGURE_FORMATS]
+
+
+# Figure names: the one place they are spelled (Study lists them, plots writes them).
+FIGURE_FORMATS = ("png", "pdf")
+CROSS_PARTS = ("", "odd", "even")  # all layers; residual-branch (odd); post-residual (even)
+SUMMARY_FIGURES = (("cross", "cross-diagonal"), ("invariance", "invariance"), ("class", "class"))
+
+
+def figure_name(kind: str, *parts: str) -> str:
+    """within-<run>.<view>; cross[-odd|-even]-<a>-vs-<b>; or cross-diagonal, invariance,
+    class, probes."""
+    if kind == "within":
+        run, view = parts
+        return f"within-{run}.{view}"
+    if kind == "cross":
+        run_a, run_b, part = parts
+        return f"cross{'-' + part if part else ''}-{run_a}-vs-{run_b}"
+    return kind

@@ -106,7 +106,7 @@ def write_both(table: pd.DataFrame, out: Path) -> None:
 
 def run_summary(run_dir: Path, probes: pd.DataFrame | None) -> dict:
     """One row of runs.parquet: the recipe, the final metrics and the cost of one run."""
-    from ckaflow.train.loop import load_network
+    from ckaflow.models import load_network
 
     _, meta = load_network(run_dir / "model.pt")
     spec = meta["run_spec"]

@@ -28,9 +28,10 @@ from functools import cached_property
 import numpy as np
 
 from ckaflow.cka.estimators import MIN_BATCH_ROWS, center_gram, row_blocks, u_center
+from ckaflow.config import schema_enum
 from ckaflow.errors import TileError
 
-ESTIMATORS = ("minibatch", "linear", "debiased", "rbf")
+ESTIMATORS = schema_enum("cka.estimator")  # minibatch, linear, debiased, rbf
 UNBIASED = ("minibatch", "debiased")
 RBF_SIGMA_FRACTION = 0.8  # of the median pairwise distance, as in Kornblith et al.'s code
 # With passes > 1, a layer is held in memory as column panels of at most this many bytes

@@ -14,9 +14,6 @@ class SimCLR:
         self.recipe = recipe
         self.aug = aug
 
-    def head_outputs(self, num_classes: int) -> int:
-        return self.recipe.proj_dim
-
     def sample(self, n: int, image_size: int, gen: torch.Generator):
         """Augmentation parameters of both views for a batch of n images."""
         return augment.sample_simclr(n, self.aug, gen), augment.sample_simclr(n, self.aug, gen)

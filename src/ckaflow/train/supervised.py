@@ -13,9 +13,6 @@ class Supervised:
     def __init__(self, recipe: RecipeSpec, aug: AugmentSpec):
         self.recipe = recipe
 
-    def head_outputs(self, num_classes: int) -> int:
-        return num_classes
-
     def sample(self, n: int, image_size: int, gen: torch.Generator):
         return augment.sample_crop_flip(n, image_size, gen)
 
