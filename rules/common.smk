@@ -1,7 +1,13 @@
 import json
 import os
+import re
 import shlex
 from dataclasses import asdict, is_dataclass
+
+
+def one_of(names):
+    """A wildcard constraint matching exactly these names (none: nothing)."""
+    return "|".join(map(re.escape, names)) or "(?!)"
 
 
 def spec(obj):

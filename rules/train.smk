@@ -5,6 +5,8 @@ rule train:
     output:
         model=STUDY.model("{run}"),
         metrics=STUDY.metrics("{run}"),
+    wildcard_constraints:
+        run=one_of(STUDY.trained_runs()),
     params:
         spec=lambda w: spec(STUDY.train_spec(w.run)),
         out_dir=lambda w: STUDY.run_dir(w.run),

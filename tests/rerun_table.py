@@ -99,6 +99,19 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
         },
         "adding a seed: its runs, and the comparisons that involve them",
     ),
+    (
+        ("imports",),
+        {
+            "import_run": 1,
+            "evaluate": 1,
+            "extract": 3,
+            "gram": 3,
+            "cka_tile": TILES_PER_RUN + 2 * TILES_CROSS,
+            "run_tables": 1,
+            **REPORT,
+        },
+        "adding a network trained elsewhere: its import, and the comparisons that involve it",
+    ),
     (("evaluate.*",), {"evaluate": 2, "run_tables": 1, "figures": 1, "summary": 1}, "probes"),
     (
         (
@@ -169,8 +182,22 @@ def _node(key: str) -> dict[str, Any]:
     return node
 
 
+# the change of `imports`: the finished SimCLR run's model.pt, imported as one more run
+IMPORTED = {
+    "name": "imported",
+    "checkpoint": "results/runs/simclr-resnet18-w4-s0/model.pt",
+    "format": "ckaflow",
+    "width": 4,
+    "stem": "cifar",
+    "head": "projector",
+    "method": "simclr",
+}
+
+
 def changed_value(key: str, current: Any) -> Any:
     """A valid value other than `current`, derived from the key's schema."""
+    if key == "imports":  # a list of records: one more network
+        return [*current, IMPORTED]
     node = _node(key)
     kinds = node.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds]

@@ -307,3 +307,27 @@ def test_summary_is_written_from_the_claims_table(tmp_path):
         assert line.endswith(f"**{row.verdict}** |")
     assert claims.set_index("claim").loc["C3", "verdict"] == "disagrees"
     assert "How much the starting point explains" in text
+
+
+def test_a_study_of_one_method_says_what_each_cross_method_claim_needs():
+    """Two seeds of one method (e.g. two imported supervised networks): no cross-method pair,
+    so the cross-method claims are not measured and say why (C3 once printed "stages : ")."""
+    table = cka_table(World(seeds=(0, 1)))
+    one_method = table[(table["method_a"] != "simclr") & (table["method_b"] != "simclr")]
+    claims = claims_table(one_method, None).set_index("claim")
+    for claim in ("C3", "C4", "C8"):
+        assert claims.loc[claim, "verdict"] == "not measured"
+    assert claims.loc["C3", "detail"] == "needs a cross-method pair"
+
+
+def test_runs_imported_as_modules_take_no_part_in_the_claims():
+    """The claims read ResNet stages and kinds; a module run's rows (kind "module") are left
+    out, so adding one changes no verdict and no number."""
+    table = cka_table(World())
+    alien = table[table["kind"] == "cross"].head(40).copy()
+    alien["run_b"] = "mobilenet"
+    alien["layer_kind_b"] = alien["layer_b"] = "module"
+    alien["value"] = 0.0
+    before = claims_table(table, probes_table(World()))
+    after = claims_table(pd.concat([table, alien], ignore_index=True), probes_table(World()))
+    pd.testing.assert_frame_equal(before, after)

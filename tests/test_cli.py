@@ -25,7 +25,8 @@ def test_help_lists_every_stage():
     listed = set(re.findall(r"\{([a-z,-]+)\}", out))  # argparse's {a,b,...} of subcommands
     assert len(listed) == 1  # the same list in the usage and under "positional arguments"
     assert set(listed.pop().split(",")) == {
-        *("prepare", "train", "evaluate", "run-tables", "extract", "gram", "tile", "merge"),
+        *("prepare", "import", "train", "evaluate", "run-tables", "extract", "gram", "tile"),
+        "merge",
         *("plot", "summarize", "plan", "inspect"),
     }
 

@@ -174,3 +174,23 @@ def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations
             gram_stats(torch.from_numpy(values), batch_size=64, passes=passes, device="cpu")
         predicted = gram_layer_cost("minibatch", len(values), 64, passes, values.shape[1])[1]
         assert counter.get_total_flops() == predicted
+
+
+def test_imported_runs_cost_no_training():
+    from ckaflow.plan import render
+
+    imports = [
+        {"name": "tv", "checkpoint": "tv.pth", "format": "torchvision", "method": "supervised"},
+        {"name": "solo", "checkpoint": "s.ckpt", "format": "solo-learn", "method": "simclr"}
+        | {"stem": "cifar", "head": "projector"},
+    ]
+    cfg = tiny_config(methods=["simclr"], imports=imports)
+    costs = study_costs(cfg)
+    assert costs.jobs["train"] == 1 and costs.jobs["import_run"] == 2
+    assert costs.jobs["evaluate"] == 3
+    assert costs.train_flops["tv"] == costs.train_flops["solo"] == 0
+    assert costs.train_flops["simclr-resnet18-w4-s0"] > 0
+    # the ImageNet stem quarters the 28 px images; solo-learn's CIFAR stem (padding 2) grows them
+    assert costs.forward_flops["solo"] > 10 * costs.forward_flops["tv"]
+    lines = render(cfg, costs).splitlines()
+    assert any(line.split()[:1] == ["tv"] and line.endswith("no training") for line in lines)

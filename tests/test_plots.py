@@ -488,3 +488,38 @@ def test_plot_all_writes_exactly_the_figures_the_study_lists(tmp_path):
     assert {p.name for p in written} == expected
     assert {p.name for p in out.iterdir()} == expected
     assert len(written) == len(expected)
+
+
+def _with_module_run(frame: pd.DataFrame, run_col: str, layer_col: str, kind_col: str):
+    """The frame plus a run imported as a module: the first run's rows renamed, its layers
+    `blocks.<i>` of kind "module" (no name shared with a ResNet)."""
+    first = frame[run_col].iloc[0]
+    alien = frame[frame[run_col] == first].copy()
+    alien[run_col] = "mobilenet"
+    alien[layer_col] = "blocks." + alien[layer_col].factorize()[0].astype(str)
+    alien[kind_col] = "module"
+    return pd.concat([frame, alien], ignore_index=True)
+
+
+def test_a_module_run_gets_its_own_row_of_curves_labelled_with_its_layers(table):
+    """A network imported as a module has layers of its own: on the ResNets' axis its points
+    would sit under ResNet layer names. It gets its own row, ticks its own layer names."""
+    from ckaflow.plots import draw_depth_curves, draw_probe_curves
+
+    frame = _with_module_run(_invariance(table), "run_a", "layer_a", "layer_kind_a")
+    frame["layer_b"] = frame["layer_a"]
+    fig = draw_depth_curves(frame, "Augmentation invariance per layer", "CKA between views")
+    axes = [ax for ax in fig.axes if ax.lines]
+    assert len(axes) == 4  # two view pairs x (ResNets, the module)
+    module_labels = set(frame.loc[frame["run_a"] == "mobilenet", "layer_a"])
+    for ax in axes[:2]:
+        assert "mobilenet" not in {line.get_gid() for line in ax.lines}
+        assert not module_labels & set(tick_labels(ax, "x")[1])
+    for ax in axes[2:]:
+        assert {line.get_gid() for line in ax.lines} & set(frame["run_a"]) == {"mobilenet"}
+        assert set(tick_labels(ax, "x")[1]) <= module_labels
+    probes = _with_module_run(synthetic_probes(), "run", "layer", "layer_kind")
+    axes = [ax for ax in draw_probe_curves(probes).axes if ax.lines]
+    assert len(axes) == 2 and set(tick_labels(axes[1], "x")[1]) <= set(
+        probes.loc[probes["run"] == "mobilenet", "layer"]
+    )

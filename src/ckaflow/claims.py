@@ -245,6 +245,8 @@ def c3_even_above_odd(table: pd.DataFrame) -> Effect:
     layers."""
     cross, _ = _cross_method(table)
     stages = _stages(cross)
+    if not stages:
+        return Effect(detail="needs a cross-method pair")
     middle = stages[1:-1] or stages
 
     def gap(group):
@@ -479,7 +481,15 @@ CLAIMS = (
 
 
 def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per claim: the effect, its interval, the seed noise floor and the verdict."""
+    """One row per claim: the effect, its interval, the seed noise floor and the verdict. The
+    claims read ResNet stages and layer kinds: runs imported as any module (layer kind
+    "module") take no part."""
+    modules = set(table.loc[table["layer_kind_a"] == "module", "run_a"])
+    modules |= set(table.loc[table["layer_kind_b"] == "module", "run_b"])
+    if modules:
+        table = table[~table["run_a"].isin(modules) & ~table["run_b"].isin(modules)]
+        if probes is not None:
+            probes = probes[~probes["run"].isin(modules)]
     rows = []
     for claim in CLAIMS:
         effect = claim.measure(table, probes)

@@ -74,6 +74,16 @@ def _launch(args, stage: str, fn, kwargs: dict, key: str):
     )
 
 
+def cmd_import(args) -> None:
+    from ckaflow import config
+    from ckaflow.imports import import_run
+
+    run = config.run_spec_from_dict(json.loads(args.spec))
+    if run.imported is None:
+        raise config.ConfigError("ckaflow import needs the spec of an imported run")
+    import_run(run, args.data, args.out, log=lambda line: print(line, file=sys.stderr))
+
+
 def cmd_train(args) -> None:
     from ckaflow import config
     from ckaflow.train.loop import CheckpointPolicy, train_run
@@ -264,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder of the data set's files (default: $CKAFLOW_DATA_ROOT, or data.root in --spec)",
     )
     p.add_argument("--out", required=True)
+
+    p = stage("import", cmd_import, "a checkpoint trained elsewhere as a run's model.pt")
+    p.add_argument("--spec", required=True, help="JSON: the imported run (Study.import_spec)")
+    p.add_argument("--data", required=True, help="data store (image shape, normalisation)")
+    p.add_argument("--out", required=True, help="the run's model.pt")
 
     p = stage("train", cmd_train, "train one run (resumes from its checkpoint)")
     p.add_argument("--spec", required=True, help="JSON: {run, augment}")

@@ -132,6 +132,28 @@ class ModelSpec:
     arch: str
     width: int
     init: str = "seed"  # where initial weights come from: see model.init in the schema
+    # auto: the CIFAR stem (3x3 conv, stride 1, no max-pool) up to CIFAR_STEM_MAX_SIZE px, the
+    # ImageNet stem (7x7 conv, stride 2, max-pool) above; imported networks name theirs
+    stem: str = "auto"
+    stem_padding: int = 1  # of the CIFAR stem's 3x3 conv (solo-learn's is 2)
+    in_channels: int | None = None  # None: the data's; 3 on grey images repeats the channel
+
+
+# the head of a trained run's network, by method; imported runs name theirs
+HEADS = {"simclr": "projector", "supervised": "classifier"}
+
+
+@dataclass(frozen=True)
+class ImportSpec:
+    """A network trained elsewhere (config `imports`), compared like a trained run."""
+
+    name: str
+    checkpoint: str
+    format: str  # ckaflow | torchvision | timm | lightly | solo-learn | module
+    head: str  # encoder | projector | classifier: the layers after the pooled features
+    builder: str | None = None  # format module: "package.module:function" that builds it
+    kwargs: dict | None = None  # format module: the builder's keyword arguments
+    layers: tuple[str, ...] | None = None  # format module: glob patterns over named_modules()
 
 
 @dataclass(frozen=True)
@@ -152,19 +174,31 @@ class RecipeSpec:
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One trained model: method × architecture × seed with its recipe."""
+    """One model: method × architecture × seed with its recipe (trained by ckaflow), or a
+    network imported from a checkpoint (`imported`; its method and seed are the user's labels)."""
 
     method: str
     model: ModelSpec
-    seed: int
-    recipe: RecipeSpec
+    seed: int | None
+    recipe: RecipeSpec | None
+    imported: ImportSpec | None = None
 
     @property
     def run_id(self) -> str:
+        if self.imported is not None:
+            return self.imported.name
         return run_id(self.method, self.model, self.seed)
 
-    def head_outputs(self, num_classes: int) -> int:
-        """Outputs of the network's head: SimCLR's projection, or one logit per class."""
+    @property
+    def head(self) -> str:
+        """encoder | projector | classifier: what follows the pooled features."""
+        return self.imported.head if self.imported is not None else HEADS[self.method]
+
+    def head_outputs(self, num_classes: int) -> int | None:
+        """Outputs of the network's head: SimCLR's projection, or one logit per class (None
+        for an imported network, whose checkpoint says)."""
+        if self.imported is not None:
+            return None
         return self.recipe.proj_dim if self.method == "simclr" else num_classes
 
     @property
@@ -172,6 +206,8 @@ class RunSpec:
         """Names the initial weights: two runs with equal init_id (and model) start from the
         same network, so their similarity is partly inherited from the starting point."""
         mode = self.model.init
+        if self.imported is not None:  # trained elsewhere: its start is its own
+            return f"imported-{self.imported.name}"
         if mode == "shared":
             return "shared"
         if mode == "seed-and-method":
@@ -234,12 +270,38 @@ def used_recipe(method: str, recipe: dict[str, Any]) -> RecipeSpec:
 
 
 def run_specs(cfg: dict[str, Any]) -> list[RunSpec]:
+    """The trained runs (methods × seeds), then the imported ones."""
     model = model_spec(cfg)
-    return [
+    trained = [
         RunSpec(method, model, seed, used_recipe(method, cfg["recipes"][method]))
         for method in cfg["methods"]
         for seed in cfg["seeds"]
     ]
+    return trained + [import_run_spec(entry) for entry in cfg.get("imports", [])]
+
+
+def import_run_spec(entry: dict[str, Any]) -> RunSpec:
+    """The run of one `imports` entry; its stem defaults to the format's for CIFAR."""
+    stem_padding = 2 if entry["format"] == "solo-learn" and entry["stem"] == "cifar" else 1
+    model = ModelSpec(entry["arch"], entry["width"], "imported", entry["stem"], stem_padding)
+    source = ImportSpec(entry["name"], entry["checkpoint"], entry["format"], entry["head"])
+    if entry["format"] == "module":
+        module = entry.get("module") or {}
+        if not module.get("builder") or not (module.get("layers") or {}).get("names"):
+            raise ConfigError(
+                f"imports: {entry['name']} has format module: give module.builder "
+                '("package.module:function") and module.layers.names (glob patterns)'
+            )
+        source = ImportSpec(
+            entry["name"],
+            entry["checkpoint"],
+            "module",
+            "encoder",
+            module["builder"],
+            dict(module.get("kwargs") or {}),
+            tuple(module["layers"]["names"]),
+        )
+    return RunSpec(entry["method"], model, entry.get("seed"), None, source)
 
 
 def to_jsonable(spec: Any) -> Any:
@@ -247,7 +309,13 @@ def to_jsonable(spec: Any) -> Any:
 
 
 def run_spec_from_dict(d: dict[str, Any]) -> RunSpec:
-    return RunSpec(d["method"], ModelSpec(**d["model"]), d["seed"], RecipeSpec(**d["recipe"]))
+    recipe = RecipeSpec(**d["recipe"]) if d.get("recipe") else None
+    imported = None
+    if d.get("imported"):
+        fields = dict(d["imported"])
+        fields["layers"] = tuple(fields["layers"]) if fields.get("layers") else None
+        imported = ImportSpec(**fields)
+    return RunSpec(d["method"], ModelSpec(**d["model"]), d["seed"], recipe, imported)
 
 
 def augment_spec_from_dict(d: dict[str, Any]) -> AugmentSpec:

@@ -148,7 +148,9 @@ def probe_run(
     eval_labels = torch.from_numpy(data.eval_labels()).to(dev)
     train_labels = train_labels.to(dev)
     registry = trained.registry()
-    chosen = registry if layers == "all" else [layer for layer in registry if layer.kind == "pool"]
+    # the representation: the pooled features, or a module import's last chosen layer
+    representation = next((la for la in registry if la.kind == "pool"), registry[-1])
+    chosen = registry if layers == "all" else [representation]
     names = [layer.name for layer in chosen]
     encoders = {"trained": trained}
     if untrained:
@@ -189,8 +191,8 @@ def probe_run(
                     "eval_accuracy": eval_acc,
                 }
             )
-        pool = next(r for r in rows if r["encoder"] == encoder and r["layer"] == "pool")
-        log(f"{meta['run']} {encoder}: linear probe at pool {pool['eval_accuracy']:.4f}")
+        at = next(r for r in rows if r["encoder"] == encoder and r["layer"] == representation.name)
+        log(f"{meta['run']} {encoder}: linear probe at {at['layer']} {at['eval_accuracy']:.4f}")
     table = pd.DataFrame(rows).assign(
         n_train=len(train_images),
         n_eval=len(eval_images),

@@ -86,7 +86,16 @@ def describe_checkpoint(path: Path) -> str:
     state = read_state(path)  # weights only: inspecting a file never runs code from it
     lines = [f"{path}: PyTorch checkpoint, {_human(_size(path))}"]
     meta = state.get("meta") if isinstance(state, dict) else None
-    if meta:
+    imported = (meta or {}).get("imported")
+    if imported:
+        lines += [
+            f"  run: {meta.get('run')} (imported, not trained by ckaflow)",
+            f"  from: {imported['format']} checkpoint {imported['checkpoint']}",
+            f"  source SHA-256: {imported['sha256']}; heads left out: {imported['dropped']}",
+            f"  code version: {meta.get('code_version')}, created {meta.get('created')}",
+            f"  spec hash: {meta.get('spec_hash')}",
+        ]
+    elif meta:
         lines += [
             f"  run: {meta.get('run')}",
             f"  epochs: {meta.get('epochs')}",

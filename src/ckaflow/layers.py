@@ -13,6 +13,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import asdict, dataclass
 
+from ckaflow.config import HEADS
+
 # arch -> (block type, blocks per stage)
 ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet18": ("basic", (2, 2, 2, 2)),
@@ -42,16 +44,17 @@ def block_layer_kinds(block_type: str) -> tuple[str, ...]:
     return ("relu1", "relu2", "residual", "out")
 
 
-def head_layer_names(method: str) -> list[str]:
-    """The projector's hidden activation and output (SimCLR), or the classifier (supervised)."""
-    if method == "simclr":
-        return ["head.0", "head.1"]
-    if method == "supervised":
-        return ["fc"]
-    raise ValueError(f"unknown method {method!r}; expected 'simclr' or 'supervised'")
+def head_layer_names(head: str) -> list[str]:
+    """The layers after the pooled features: the projector's hidden activation and output
+    (SimCLR's), the classifier, or none (an imported encoder)."""
+    names = {"projector": ["head.0", "head.1"], "classifier": ["fc"], "encoder": []}
+    head = HEADS.get(head, head)  # a trained method's name stands for its head
+    if head not in names:
+        raise ValueError(f"unknown head {head!r}; expected one of {sorted(names)}")
+    return names[head]
 
 
-def layer_registry(arch: str, method: str) -> list[Layer]:
+def layer_registry(arch: str, head: str) -> list[Layer]:
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHS)}")
     block_type, blocks = ARCHS[arch]
@@ -61,9 +64,14 @@ def layer_registry(arch: str, method: str) -> list[Layer]:
             for kind in block_layer_kinds(block_type):
                 entries.append((f"layer{stage}.{block}.{kind}", kind, stage, block))
     entries.append(("pool", "pool", HEAD_STAGE, -1))
-    for name in head_layer_names(method):
+    for name in head_layer_names(head):
         entries.append((name, name.split(".")[0], HEAD_STAGE, -1))
     return [Layer(n, k, s, b, i) for i, (n, k, s, b) in enumerate(entries)]
+
+
+def module_registry(names: list[str]) -> list[Layer]:
+    """The layers of an imported module (format module): its chosen modules, kind "module"."""
+    return [Layer(name, "module", 1, -1, i) for i, name in enumerate(names)]
 
 
 def label_layer() -> Layer:
@@ -95,16 +103,33 @@ def _down(size: int) -> int:
     return (size + 1) // 2
 
 
+def stem_size(image_size: int, stem: str = "auto", padding: int = 1) -> int:
+    """Spatial size after the stem: the CIFAR stem (3x3, stride 1) keeps it (padding 2 adds
+    2), the ImageNet stem (7x7 stride 2, then max-pool) quarters it; auto picks by size."""
+    if stem == "auto":
+        stem = "cifar" if image_size <= CIFAR_STEM_MAX_SIZE else "imagenet"
+    if stem == "cifar":
+        return image_size + 2 * padding - 2
+    return _down(_down(image_size))
+
+
 def layer_features(
-    arch: str, width: int, image_size: int, method: str, head_outputs: int
+    arch: str,
+    width: int,
+    image_size: int,
+    head: str,
+    head_outputs: int | None,
+    stem: str = "auto",
+    stem_padding: int = 1,
 ) -> dict[str, int]:
     """Values per example of every registered layer, without building the network (so that
-    `ckaflow plan` sizes a study in a moment). Mirrors ckaflow.models: the CIFAR stem up to
-    CIFAR_STEM_MAX_SIZE px, stride 2 in the first block of stages 2-4 (in the 3x3 conv of a
-    bottleneck, so its relu1 keeps the input size); a test checks it against the network."""
+    `ckaflow plan` sizes a study in a moment). Mirrors ckaflow.models: the stem of `stem_size`,
+    stride 2 in the first block of stages 2-4 (in the 3x3 conv of a bottleneck, so its relu1
+    keeps the input size); a test checks it against the network. An imported projector's
+    output size is unknown here (head_outputs None): the feature size stands in."""
     block_type, blocks = ARCHS[arch]
     expansion = 1 if block_type == "basic" else 4
-    size = image_size if image_size <= CIFAR_STEM_MAX_SIZE else _down(_down(image_size))
+    size = stem_size(image_size, stem, stem_padding)
     out = {"stem": width * size * size}
     for stage, n_blocks in enumerate(blocks, start=1):
         planes = width * 2 ** (stage - 1)
@@ -121,9 +146,11 @@ def layer_features(
             out[f"{prefix}.residual"] = out[f"{prefix}.out"] = expansion * planes * size * size
     feature_dim = 8 * width * expansion
     out["pool"] = feature_dim
-    heads = head_layer_names(method)
-    if method == "simclr":
-        out[heads[0]], out[heads[1]] = feature_dim, head_outputs
-    else:
-        out[heads[0]] = head_outputs
+    head = HEADS.get(head, head)
+    heads = head_layer_names(head)
+    outputs = head_outputs if head_outputs is not None else feature_dim
+    if head == "projector":
+        out[heads[0]], out[heads[1]] = feature_dim, outputs
+    elif head == "classifier":
+        out[heads[0]] = outputs
     return out

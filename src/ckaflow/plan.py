@@ -104,15 +104,30 @@ def forward_flops(run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ckaflow.models import Network
+    from ckaflow.models import build_network
 
     channels, size, _ = image_shape
-    out = run.head_outputs(classes)
+    attrs = {"image_shape": image_shape, "num_classes": classes}
     with torch.device("meta"):
-        net = Network(run.method, run.model, channels, size, out).eval()
+        net = build_network(run, attrs).eval()
         with FlopCounterMode(display=False) as counter:
             net(torch.empty(1, channels, size, size))
     return float(counter.get_total_flops())
+
+
+def module_features(run: cfg.RunSpec, image_shape: tuple[int, int, int]) -> dict[str, int]:
+    """Values per example of each layer of an imported module, from a forward pass on torch's
+    meta device (no memory, no arithmetic)."""
+    import torch
+
+    from ckaflow.models import build_network, record_layers
+
+    channels, size, _ = image_shape
+    with torch.device("meta"):
+        net = build_network(run, {"image_shape": image_shape, "num_classes": 0}).eval()
+        with record_layers(net) as got:
+            net(torch.empty(1, channels, size, size))
+    return {name: int(tensor.shape[1]) for name, tensor in got.items()}
 
 
 def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> StudyCosts:
@@ -127,7 +142,8 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
     stores = study.activation_stores()
     jobs = {
         "prepare_data": 1,
-        "train": len(study.runs),
+        "train": sum(run.imported is None for run in study.runs.values()),
+        "import_run": sum(run.imported is not None for run in study.runs.values()),
         "evaluate": len(study.runs),
         "gram (fused forward pass)": len(run_views) + (1 if has_class else 0),
         "extract (stored activations)": len(stores),
@@ -141,13 +157,28 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
     forward, train = {}, {}
     for run_id, run in study.runs.items():
         forward[run_id] = forward_flops(run, image_shape, classes)
+        if run.imported is not None:  # trained elsewhere: no training here
+            train[run_id] = 0.0
+            continue
         views = 2 if run.method == "simclr" else 1
         images = study.data.train_size * run.recipe.epochs * views
         train[run_id] = TRAIN_FLOPS_PER_FORWARD * forward[run_id] * images
     for run_id, view in run_views:
         run, side = study.runs[run_id], Side(run_id, view)
         head = run.head_outputs(classes)
-        sizes = layer_features(run.model.arch, run.model.width, image_shape[1], run.method, head)
+        model = run.model
+        if run.imported is not None and run.imported.format == "module":
+            sizes = module_features(run, image_shape)
+        else:
+            sizes = layer_features(
+                model.arch,
+                model.width,
+                image_shape[1],
+                run.head,
+                head,
+                model.stem,
+                model.stem_padding,
+            )
         chosen = {layer.name: sizes[layer.name] for layer in study.layers(side)}
         all_bytes[(run_id, view)] = sum(chosen.values()) * n * dtype_bytes
         if stores:
@@ -205,12 +236,15 @@ def render(config: dict[str, Any], costs: StudyCosts) -> str:
     lines += ["", *_render_gram(config, costs, pad), ""]
     lines += [*_render_bytes(config, costs, pad), ""]
     lines.append(f"training (GPU-hours at an assumed {costs.gpu_tflops:g} TFLOP/s sustained):")
+    imported = {run_id for run_id, run in Study(config).runs.items() if run.imported}
     for run in runs:
         flops = costs.train_flops[run]
-        lines.append(
-            f"  {run:<{pad}} {_si(costs.forward_flops[run], 'FLOP'):>12}/image "
-            f"{_si(flops, 'FLOP'):>12} {costs.gpu_hours(flops):10.2f} GPU-h"
+        cost = (
+            f"{'imported: no training':>23}"
+            if run in imported
+            else f"{_si(flops, 'FLOP'):>12} {costs.gpu_hours(flops):10.2f} GPU-h"
         )
+        lines.append(f"  {run:<{pad}} {_si(costs.forward_flops[run], 'FLOP'):>12}/image {cost}")
     total = sum(costs.train_flops.values())
     lines.append(
         f"  {'total':<{pad}} {'':>18} {_si(total, 'FLOP'):>12} {costs.gpu_hours(total):10.2f} GPU-h"

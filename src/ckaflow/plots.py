@@ -258,36 +258,65 @@ def _run_styles(frame: pd.DataFrame, side: str = "a") -> dict[str, dict]:
 VIEW_PAIRS = {("aug1", "aug2"): 0, ("clean", "aug1"): 1}
 
 
+def layer_families(frame: pd.DataFrame, side: str = "a") -> list[list[str]]:
+    """Runs whose layers can share one depth axis: the ResNets (one registry, heads aside),
+    then each network imported as a module (its own layers) alone."""
+    suffix = f"_{side}" if side else ""
+    run, kind = f"run{suffix}", f"layer_kind{suffix}"
+    modules = set(frame.loc[frame[kind] == "module", run])
+    resnets = sorted(set(frame[run]) - modules)
+    return ([resnets] if resnets else []) + [[r] for r in sorted(modules)]
+
+
+def _legend_entries(axes) -> list[tuple]:
+    """(handle, label) of every labelled line on the panels, each label once."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    return [(handle, label) for label, handle in entries.items()]
+
+
 def draw_depth_curves(frame: pd.DataFrame, title: str, ylabel: str):
     """One value per layer of side a against depth, a line per run (colour, marker; line style
-    per method), one panel per pair of views; error bars: bootstrap 95% intervals."""
+    per method), one panel per pair of views; error bars: bootstrap 95% intervals. Networks
+    imported as modules, whose layers are their own, get a row of panels each."""
     pairs = sorted(
         frame.groupby(["view_a", "view_b"]).groups, key=lambda p: (VIEW_PAIRS.get(p, 9), p)
     )
-    axis = LayerAxis.of(frame, "a")
+    families = layer_families(frame)
     styles = _run_styles(frame)
-    fig, axes = plt.subplots(
-        1,
+    fig, grid = plt.subplots(
+        len(families),
         len(pairs),
-        figsize=(1.5 + 4.6 * len(pairs) if len(pairs) > 1 else 8.0, 4.2),
+        figsize=(1.5 + 4.6 * len(pairs) if len(pairs) > 1 else 8.0, 4.2 * len(families)),
         sharey=True,
         squeeze=False,
         layout="constrained",
     )
-    axes = list(axes[0])
-    for ax, (view_a, view_b) in zip(axes, pairs, strict=True):
-        part = frame[(frame["view_a"] == view_a) & (frame["view_b"] == view_b)]
-        for run, group in sorted(part.groupby("run_a"), key=lambda g: list(styles).index(g[0])):
-            _curve(
-                ax, axis.positions(group["layer_a"]), group, "value", run, label=run, **styles[run]
+    axes, axis_of = [], []
+    for row, family in zip(grid, families, strict=True):
+        rows = frame[frame["run_a"].isin(family)]
+        axis = LayerAxis.of(rows, "a")
+        for ax, (view_a, view_b) in zip(row, pairs, strict=True):
+            part = rows[(rows["view_a"] == view_a) & (rows["view_b"] == view_b)]
+            for run, group in sorted(part.groupby("run_a"), key=lambda g: list(styles).index(g[0])):
+                x = axis.positions(group["layer_a"])
+                _curve(ax, x, group, "value", run, label=run, **styles[run])
+            what = (
+                f"{view_a} images vs one-hot labels"
+                if view_b == "labels"
+                else f"{view_a} vs {view_b}"
             )
-        what = (
-            f"{view_a} images vs one-hot labels" if view_b == "labels" else f"{view_a} vs {view_b}"
-        )
-        if len(pairs) > 1:
-            ax.set_title(what, fontsize=9)
-    _title(fig, axes, title if len(pairs) > 1 else f"{title}: {what}")
-    _finish_curves(fig, axes, [axis] * len(axes), ylabel, intervals=_has_intervals(frame))
+            if len(pairs) > 1:
+                ax.set_title(what, fontsize=9)
+            axes.append(ax)
+            axis_of.append(axis)
+        row[0].set_ylabel(ylabel)
+    _title(fig, axes, title if len(axes) > 1 else f"{title}: {what}")
+    _finish_curves(
+        fig, axes, axis_of, ylabel, handles=_legend_entries(axes), intervals=_has_intervals(frame)
+    )
     return fig
 
 
@@ -415,12 +444,36 @@ def cross_diagonal(cross: pd.DataFrame, path: Path) -> list[Path]:
 
 
 def draw_probe_curves(probes: pd.DataFrame):
-    """Linear-probe accuracy against depth: each run trained (solid) and untrained (dotted)."""
-    axis = LayerAxis.of(probes)
+    """Linear-probe accuracy against depth: each run trained (solid) and untrained (dotted);
+    a network imported as a module, whose layers are its own, in a panel of its own."""
     runs = sorted(probes["run"].unique())
     colours = dict(zip(runs, _colours(len(runs)), strict=True))
-    fig, ax = plt.subplots(figsize=(9.5, 4.2), layout="constrained")
-    for i, run in enumerate(runs):
+    families = layer_families(probes, "")
+    fig, grid = plt.subplots(
+        len(families), 1, figsize=(9.5, 4.2 * len(families)), squeeze=False, layout="constrained"
+    )
+    axes = [row[0] for row in grid]
+    axis_of = [LayerAxis.of(probes[probes["run"].isin(family)]) for family in families]
+    for ax, axis, family in zip(axes, axis_of, families, strict=True):
+        _probe_panel(ax, axis, probes, family, colours, runs)
+        ax.set_ylabel("linear probe accuracy (eval subset)")
+    axes[0].set_title(
+        "Linear separability per layer (dotted: the same network untrained)", fontsize=11
+    )
+    _finish_curves(
+        fig,
+        axes,
+        axis_of,
+        "linear probe accuracy (eval subset)",
+        ylim=(0, 1.02),
+        handles=_legend_entries(axes),
+    )
+    return fig
+
+
+def _probe_panel(ax, axis, probes, family, colours, runs) -> None:
+    for run in family:
+        i = runs.index(run)
         for encoder, style in (
             ("trained", {"linestyle": "-", "linewidth": 1.5}),
             ("untrained", {"linestyle": ":", "linewidth": 1.0, "markerfacecolor": "white"}),
@@ -438,9 +491,6 @@ def draw_probe_curves(probes: pd.DataFrame):
                     label=f"{run} ({encoder})",
                     **style,
                 )
-    ax.set_title("Linear separability per layer (dotted: the same network untrained)", fontsize=11)
-    _finish_curves(fig, [ax], [axis], "linear probe accuracy (eval subset)", ylim=(0, 1.02))
-    return fig
 
 
 def probe_curves(probes: pd.DataFrame, path: Path) -> list[Path]:
@@ -487,10 +537,14 @@ def _plot_all(table, out_dir, probes) -> list[Path]:
             ("even", "out", "Post-residual"),
         ):
             sub = group[(group["layer_kind_a"] == kind) & (group["layer_kind_b"] == kind)]
+            if sub.empty:  # a side without such layers (an imported module): no figure
+                continue
             title = f"{what} ({part}) layers: {run_a} vs {run_b}"
             written += heatmap(sub, title, png(out_dir, "cross", run_a, run_b, part))
-    if len(cross):
-        written += cross_diagonal(cross, png(out_dir, "cross-diagonal"))
+    # the diagonal pairs a layer with its namesake: ResNets only (not imported modules)
+    resnets = cross[(cross["layer_kind_a"] != "module") & (cross["layer_kind_b"] != "module")]
+    if len(resnets):
+        written += cross_diagonal(resnets, png(out_dir, "cross-diagonal"))
     invariance = frame[(frame["kind"] == "invariance") & (frame["layer_a"] == frame["layer_b"])]
     if len(invariance):
         title, ylabel = "Augmentation invariance per layer", "CKA between views"

@@ -7,6 +7,7 @@ A *comparison* pairs two sides; its layer pairs are cut into *tiles* of at most
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import asdict, dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 from ckaflow import config as cfg
 from ckaflow.errors import ConfigError
-from ckaflow.layers import Layer, label_layer, layer_registry, select_layers
+from ckaflow.layers import Layer, label_layer, layer_registry, module_registry, select_layers
 
 RESULTS = "results"
 LABELS = "labels"
@@ -114,6 +115,10 @@ class Study:
         self.augment = cfg.augment_spec(config)
         self.cka = cfg.cka_spec(config)
         self.runs = {run.run_id: run for run in cfg.run_specs(config)}
+        if not self.runs:
+            raise ConfigError("the study has no runs: list methods to train, or imports")
+        if len(self.runs) < len(cfg.run_specs(config)):
+            raise ConfigError("two runs share a name: give each import a name of its own")
         for run in self.runs:  # a selection that matches nothing stops here, before any job
             try:
                 self.stored_layers(Side(run, "clean"))
@@ -129,9 +134,26 @@ class Study:
             return [label_layer()]
         run = self.runs[side.run]
         selection = self.config["activations"]["layers"]
+        if run.imported is not None and run.imported.format == "module":
+            # every layer the user named: built on torch's meta device to learn their names
+            return self._module_layers(side.run)
         return select_layers(
-            layer_registry(run.model.arch, run.method), selection["kinds"], selection["names"]
+            layer_registry(run.model.arch, run.head), selection["kinds"], selection["names"]
         )
+
+    @functools.cache  # noqa: B019 (one Study per workflow run)
+    def _module_layers(self, run_id: str) -> list[Layer]:
+        import torch
+
+        from ckaflow.models import build_module, module_layer_names
+
+        source = self.runs[run_id].imported
+        try:
+            with torch.device("meta"):
+                net = build_module(source.builder, source.kwargs)
+            return module_registry(module_layer_names(net, source.layers))
+        except ValueError as err:
+            raise ConfigError(f"imports: {run_id}: {err}") from None
 
     @property
     def examples(self) -> int | None:
@@ -149,6 +171,11 @@ class Study:
 
     def train_spec(self, run: str) -> TrainSpec:
         return TrainSpec(asdict(self.runs[run]), asdict(self.augment))
+
+    def import_spec(self, run: str) -> dict:
+        """An imported run: its source, format, architecture and labels (the file's content is
+        the rule's input, so a new file at the same path reruns it too)."""
+        return asdict(self.runs[run])
 
     def evaluate_spec(self) -> dict:
         return dict(self.config["evaluate"])
@@ -220,7 +247,10 @@ class Study:
         if store == "all":
             return compared
         selection = store.get("layers") or {}
-        return select_layers(compared, selection.get("kinds"), selection.get("names"))
+        kinds = selection.get("kinds")
+        if compared[0].kind == "module":  # kinds name ResNet layers; a module's are its own
+            kinds = None
+        return select_layers(compared, kinds, selection.get("names"))
 
     @property
     def stored_examples(self) -> int | None:
@@ -340,8 +370,20 @@ class Study:
         return out
 
     def run_files(self) -> list[str]:
-        """What the per-run tables are made of: each run's model, metrics and probes."""
-        return [f(run) for run in self.runs for f in (self.model, self.metrics, self.probes)]
+        """What the per-run tables are made of: each run's model, metrics (trained runs) and
+        probes."""
+        return [
+            f(run_id)
+            for run_id, run in self.runs.items()
+            for f in (self.model, self.metrics, self.probes)
+            if f != self.metrics or run.imported is None
+        ]
+
+    def trained_runs(self) -> list[str]:
+        return [run_id for run_id, run in self.runs.items() if run.imported is None]
+
+    def imported_runs(self) -> list[str]:
+        return [run_id for run_id, run in self.runs.items() if run.imported is not None]
 
     @staticmethod
     def run_tables() -> list[str]:
@@ -371,15 +413,33 @@ class Study:
     def all_tiles(self) -> list[Tile]:
         return [t for c in self.comparisons.values() for t in self.tiles(c)]
 
+    def _any_module(self, c: Comparison) -> bool:
+        """Whether a side of the comparison is a network imported as any module."""
+        return any(
+            not side.is_labels
+            and self.runs[side.run].imported is not None
+            and self.runs[side.run].imported.format == "module"
+            for side in (c.a, c.b)
+        )
+
     def figures(self) -> list[str]:
         """Every figure the study makes, PNG and PDF (plots.plot_all writes the same set)."""
         names = []
         for c in self.comparisons.values():
             if c.kind == "within":
                 names.append(figure_name("within", c.a.run, c.a.view))
-            if c.kind == "cross":
-                names += [figure_name("cross", c.a.run, c.b.run, part) for part in CROSS_PARTS]
+            if c.kind == "cross":  # odd and even parts where both sides have such layers
+                shared = {la.kind for la in self.layers(c.a)} & {la.kind for la in self.layers(c.b)}
+                names += [
+                    figure_name("cross", c.a.run, c.b.run, part)
+                    for part, kind in CROSS_PARTS
+                    if kind is None or kind in shared
+                ]
         kinds = {c.kind for c in self.comparisons.values()}
+        if not any(
+            c.kind == "cross" and not self._any_module(c) for c in self.comparisons.values()
+        ):
+            kinds.discard("cross")  # the diagonal pairs ResNet layers with their namesakes
         names += [figure_name(summary) for kind, summary in SUMMARY_FIGURES if kind in kinds]
         names.append(figure_name("probes"))
         return [f"{Study.FIGURES}/{name}.{ext}" for name in names for ext in FIGURE_FORMATS]
@@ -387,7 +447,8 @@ class Study:
 
 # Figure names: the one place they are spelled (Study lists them, plots writes them).
 FIGURE_FORMATS = ("png", "pdf")
-CROSS_PARTS = ("", "odd", "even")  # all layers; residual-branch (odd); post-residual (even)
+# all layers; residual-branch (odd) and post-residual (even) layers: (part, layer kind)
+CROSS_PARTS = (("", None), ("odd", "residual"), ("even", "out"))
 SUMMARY_FIGURES = (("cross", "cross-diagonal"), ("invariance", "invariance"), ("class", "class"))
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 
 from ckaflow.claims import claims_table, shared_init_effect
 from ckaflow.provenance import atomic_path
-from ckaflow.tables import read_table, write_both
+from ckaflow.tables import read_table, representation_probes, write_both
 
 PAPER = "Grigg et al. 2021 (arXiv 2110.00528)"
 
@@ -73,10 +73,12 @@ def probe_lines(probes: pd.DataFrame) -> list[str]:
     along the depth the probe accuracy peaks."""
     lines = []
     for run, group in probes.groupby("run"):
-        pool = group[group["layer_kind"] == "pool"].set_index("encoder")["eval_accuracy"]
+        at = representation_probes(group)
+        pool = at.set_index("encoder")["eval_accuracy"]
+        where = "the pooled features" if at["layer_kind"].iloc[0] == "pool" else at["layer"].iloc[0]
         trained = group[group["encoder"] == "trained"]
         best = trained.loc[trained["eval_accuracy"].idxmax()]
-        line = f"- {run}: linear probe at the pooled features {pool['trained']:.1%}"
+        line = f"- {run}: linear probe at {where} {pool['trained']:.1%}"
         if "untrained" in pool:
             gain = 100 * (pool["trained"] - pool["untrained"])
             line += f" against {pool['untrained']:.1%} untrained ({gain:+.1f} points)"

@@ -104,13 +104,21 @@ def write_both(table: pd.DataFrame, out: Path) -> None:
         table.to_csv(scratch, index=False)
 
 
+def representation_probes(probes: pd.DataFrame) -> pd.DataFrame:
+    """One run's probe rows at its representation: the pooled features of a ResNet, the last
+    chosen layer of a network imported as a module (which has no `pool`)."""
+    pool = probes[probes["layer_kind"] == "pool"]
+    return pool if len(pool) else probes[probes["layer_index"] == probes["layer_index"].max()]
+
+
 def run_summary(run_dir: Path, probes: pd.DataFrame | None) -> dict:
     """One row of runs.parquet: the recipe, the final metrics and the cost of one run."""
     from ckaflow.models import load_network
 
     _, meta = load_network(run_dir / "model.pt")
     spec = meta["run_spec"]
-    recipe = spec["recipe"]
+    recipe = spec["recipe"] or {}  # none for an imported run
+    imported = meta.get("imported") or {}
     row = {
         "run": meta["run"],
         "method": spec["method"],
@@ -118,6 +126,8 @@ def run_summary(run_dir: Path, probes: pd.DataFrame | None) -> dict:
         "width": spec["model"]["width"],
         "seed": spec["seed"],
         **{f"recipe_{k}": v for k, v in recipe.items()},
+        "imported_from": imported.get("format"),
+        "checkpoint_sha256": imported.get("sha256"),
         "knn_accuracy": meta["knn_accuracy"],
         "linear_accuracy": pd.NA,
         "untrained_linear_accuracy": pd.NA,
@@ -128,7 +138,7 @@ def run_summary(run_dir: Path, probes: pd.DataFrame | None) -> dict:
         "code_version": meta["code_version"],
     }
     if probes is not None:
-        pool = probes[probes["layer_kind"] == "pool"].set_index("encoder")["eval_accuracy"]
+        pool = representation_probes(probes).set_index("encoder")["eval_accuracy"]
         row["linear_accuracy"] = pool.get("trained", pd.NA)
         row["untrained_linear_accuracy"] = pool.get("untrained", pd.NA)
     return row
@@ -141,14 +151,15 @@ def run_tables(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     training, probes, runs = [], [], []
     for run_dir in map(Path, run_dirs):
-        training.append(_read(run_dir / "metrics.parquet", "training metrics"))
         probe_path = run_dir / "probes.parquet"
         probe = _read(probe_path, "probes") if probe_path.exists() else None
         if probe is not None:
             probes.append(probe)
         runs.append(run_summary(run_dir, probe))
+        if runs[-1]["imported_from"] is None:  # an imported run has no training metrics
+            training.append(_read(run_dir / "metrics.parquet", "training metrics"))
     tables = {
-        "training": pd.concat(training, ignore_index=True),
+        "training": pd.concat(training, ignore_index=True) if training else pd.DataFrame(),
         "runs": pd.DataFrame(runs).astype(
             {"linear_accuracy": "Float64", "untrained_linear_accuracy": "Float64"}
         ),
