@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     torch_options(p)
 
-    p = stage("evaluate", cmd_evaluate, "linear probes of a trained run at every layer")
+    p = stage("evaluate", cmd_evaluate, "linear probes of a run, trained or imported, per layer")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="probes table (parquet)")
@@ -300,11 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     torch_options(p)
 
-    p = stage("run-tables", cmd_run_tables, "training, probes and runs tables of trained runs")
+    p = stage("run-tables", cmd_run_tables, "training, probes and runs tables of the runs")
     p.add_argument("--out-dir", required=True)
     p.add_argument("runs", nargs="+", help="run folders (model.pt, metrics.parquet, probes)")
 
-    p = stage("extract", cmd_extract, "store every layer's activations for one view")
+    p = stage("extract", cmd_extract, "store the selected activations of one view, to look at")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--view", required=True, choices=["clean", "aug1", "aug2"])

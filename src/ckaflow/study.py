@@ -224,14 +224,16 @@ class Study:
         )
 
     def tables_spec(self) -> dict:
-        """The CKA table records a hash of everything its numbers depend on: the specs of the
-        stages upstream of it (so a setting that changes no number changes no hash)."""
+        """The CKA table records a hash of what its numbers depend on: the specs of the stages
+        upstream of it (how the pairs are cut into tiles, and which comparisons are made, change
+        no number and are left out; an imported run enters by its checkpoint's path)."""
         sides = sorted(self.sides(), key=lambda side: side.tag)
+        cka = {k: v for k, v in asdict(self.cka).items() if k not in ("tile_layers", "comparisons")}
         upstream = [
             asdict(self.prepare_spec()),
             [asdict(self.train_spec(run)) for run in sorted(self.runs)],
             [asdict(self.gram_spec(side)) for side in sides],
-            asdict(self.cka),
+            cka,
         ]
         return {"config_hash": cfg.stable_hash(upstream)}
 
