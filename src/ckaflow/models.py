@@ -7,6 +7,7 @@ CIFAR experiments. `width` is the channel count of the first stage (64 = standar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Iterator
 from fnmatch import fnmatch
@@ -353,8 +354,9 @@ def initial_network(run: RunSpec, data_attrs: dict, meta: dict | None = None) ->
 
 def init_seed(run: RunSpec) -> int:
     """The torch seed of the run's initial weights (`model.init` in the config)."""
-    if run.imported is not None:  # the untrained baseline of an imported network
-        return hash_seed(*map(ord, run.imported.name[:16]), 0xC0FFEE)
+    if run.imported is not None:  # the untrained baseline of an imported network: its name
+        name = int.from_bytes(hashlib.sha256(run.imported.name.encode()).digest()[:8], "little")
+        return hash_seed(name, 0xC0FFEE)
     if run.model.init == "shared":
         return hash_seed(0, 0xC0FFEE)
     if run.model.init == "seed-and-method":

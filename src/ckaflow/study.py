@@ -114,10 +114,11 @@ class Study:
         self.data = cfg.data_spec(config)
         self.augment = cfg.augment_spec(config)
         self.cka = cfg.cka_spec(config)
-        self.runs = {run.run_id: run for run in cfg.run_specs(config)}
+        specs = cfg.run_specs(config)
+        self.runs = {run.run_id: run for run in specs}
         if not self.runs:
             raise ConfigError("the study has no runs: list methods to train, or imports")
-        if len(self.runs) < len(cfg.run_specs(config)):
+        if len(self.runs) < len(specs):
             raise ConfigError("two runs share a name: give each import a name of its own")
         for run in self.runs:  # a selection that matches nothing stops here, before any job
             try:
