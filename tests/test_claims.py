@@ -317,7 +317,87 @@ def test_a_study_of_one_method_says_what_each_cross_method_claim_needs():
     claims = claims_table(one_method, None).set_index("claim")
     for claim in ("C3", "C4", "C8"):
         assert claims.loc[claim, "verdict"] == "not measured"
-    assert claims.loc["C3", "detail"] == "needs a cross-method pair"
+    assert claims.loc["C3", "detail"] == (
+        "needs runs of a self-supervised method (any label but supervised)"
+    )
+    assert claims.loc["C7b", "verdict"] == "not measured"  # no probes table given
+    with_probes = claims_table(one_method, probes_table(World())).set_index("claim")
+    assert with_probes.loc["C7b", "verdict"] == "agrees"  # one method's own claim is measured
+
+
+def relabel(frame: pd.DataFrame, old: str, new: str, sides=("a", "b")) -> pd.DataFrame:
+    """The same rows with method `old` called `new` (method, run and comparison names)."""
+    frame = frame.copy()
+    columns = [c for s in sides for c in (f"method_{s}", f"run_{s}")] + ["method", "run"]
+    for column in [c for c in columns if c in frame] + ["comparison"] * ("comparison" in frame):
+        frame[column] = frame[column].map(
+            lambda v: v.replace(old, new) if isinstance(v, str) else v
+        )
+    return frame
+
+
+def test_claims_compare_whatever_self_supervised_label_the_runs_carry():
+    """Imported BYOL runs against supervised ones: the same numbers as for SimCLR, named BYOL."""
+    w = World(noise=0.02)
+    simclr = claims_table(cka_table(w), probes_table(w))
+    byol = claims_table(
+        relabel(cka_table(w), "simclr", "byol"), relabel(probes_table(w), "simclr", "byol")
+    )
+    numbers = ["claim", "value", "ci_low", "ci_high", "noise_floor", "replicates", "verdict"]
+    pd.testing.assert_frame_equal(simclr[numbers], byol[numbers])
+    assert set(byol["methods"]) == {"byol vs supervised"}
+    titles = byol.set_index("claim")["title"]
+    assert titles["C5a"] == "byol's augmentation invariance rises with depth"
+    assert "byol" in titles["C7a"] and "SimCLR" not in " ".join(byol["detail"])
+    c5b = simclr.set_index("claim")["title"]["C5b"]
+    assert c5b == "Augmentation invariance is higher for SimCLR in the final layers"
+
+
+def three_methods(w: World) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The world's tables with a copy of the SimCLR runs labelled byol; byol-vs-simclr pairs
+    have CKA 0."""
+    table, probes = cka_table(w), probes_table(w)
+    byol_rows = relabel(table, "simclr", "byol")
+    byol_rows = byol_rows[(byol_rows["method_a"] == "byol") | (byol_rows["method_b"] == "byol")]
+    across = table[(table["method_a"] == "simclr") & (table["method_b"] == "supervised")]
+    across = relabel(across, "supervised", "byol", sides=("b",))
+    across = across.assign(value=0.0, ci_low=0.0, ci_high=0.0)
+    assert set(zip(across["method_a"], across["method_b"], strict=True)) == {("simclr", "byol")}
+    three = pd.concat([table, byol_rows, across], ignore_index=True)
+    probes3 = pd.concat([probes, relabel(probes.query("method == 'simclr'"), "simclr", "byol")])
+    return three, probes3
+
+
+def test_each_self_supervised_method_is_measured_against_the_supervised_runs_alone():
+    """simclr, byol and supervised: a block of claims per self-supervised method, and pairs
+    of two self-supervised methods never count as cross-method (here their CKA is 0, which
+    would sink C2, C3 and C4 if they did)."""
+    w = World(noise=0.02)
+    table, probes = cka_table(w), probes_table(w)
+    got = claims_table(*three_methods(w))
+    assert list(got["methods"].unique()) == ["byol vs supervised", "simclr vs supervised"]
+    alone = claims_table(table, probes).drop(columns=["methods", "title", "statistic", "detail"])
+    for block in ("byol vs supervised", "simclr vs supervised"):
+        part = got[got["methods"] == block].drop(columns=["methods", "title", "statistic"])
+        pd.testing.assert_frame_equal(
+            part.drop(columns="detail").reset_index(drop=True), alone.reset_index(drop=True)
+        )
+
+
+def test_without_a_supervised_label_the_cross_method_claims_say_what_they_need():
+    w = World()
+    table = relabel(relabel(cka_table(w), "supervised", "byol"), "simclr", "dino")
+    probes = relabel(relabel(probes_table(w), "supervised", "byol"), "simclr", "dino")
+    got = claims_table(table, probes)
+    assert list(got["methods"].unique()) == [
+        "byol vs (no supervised)",
+        "dino vs (no supervised)",
+    ]
+    dino = got[got["methods"] == "dino vs (no supervised)"].set_index("claim")
+    for claim in ("C1", "C2", "C3", "C4", "C5b", "C6", "C7b", "C8"):
+        assert dino.loc[claim, "verdict"] == "not measured"
+        assert dino.loc[claim, "detail"] == "needs runs labelled supervised to compare with"
+    assert dino.loc["C5a", "verdict"] == dino.loc["C7a", "verdict"] == "agrees"
 
 
 def test_runs_imported_as_modules_take_no_part_in_the_claims():
@@ -331,3 +411,21 @@ def test_runs_imported_as_modules_take_no_part_in_the_claims():
     before = claims_table(table, probes_table(World()))
     after = claims_table(pd.concat([table, alien], ignore_index=True), probes_table(World()))
     pd.testing.assert_frame_equal(before, after)
+
+
+def test_the_summary_has_a_table_per_self_supervised_method(tmp_path):
+    table, probes = three_methods(World(even=0.6, odd=0.85))
+    for col in ("batch_size", "source_a", "source_b"):
+        table[col] = 0
+    table.to_parquet(tmp_path / "cka.parquet")
+    probes.assign(block=-1).to_parquet(tmp_path / "probes.parquet")
+    text = summarize(tmp_path / "cka.parquet", tmp_path / "summary.md", tmp_path / "probes.parquet")
+    assert "Methods compared: byol vs supervised; simclr vs supervised" in text
+    lines = text.splitlines()
+    for block in ("byol vs supervised", "simclr vs supervised"):
+        start = lines.index(f"### {block}")
+        rows = lines[start + 4 : start + 4 + len(ALL)]
+        assert [row.split("**")[1] for row in rows] == ALL
+        assert rows[ALL.index("C3")].endswith("**disagrees** |")
+        name = "SimCLR" if block.startswith("simclr") else "byol"
+        assert rows[ALL.index("C5a")].startswith(f"| **C5a** {name}'s augmentation invariance")

@@ -25,6 +25,11 @@ stand against same-method seed pairs (which always differ in initial weights); c
 that share their initial weights are reported apart (`shared_init`), since part of their
 similarity is inherited from the starting point. Where a study has no cross-method pair with
 different initial weights, the claims fall back to the shared ones and say so.
+
+The methods compared are the ones the study has: runs labelled `supervised` are the supervised
+side, every other label (simclr, or an imported run's byol, dino, ...) a self-supervised side.
+Each self-supervised method gets its own block of claims against the supervised runs, measured
+on the runs of those two methods only (so simclr-vs-byol pairs never count as cross-method).
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from ckaflow.config import SUPERVISED, method_name
+
 VERDICTS = ("agrees", "disagrees", "within noise", "not measured")
 CLAIM_COLUMNS = (
+    "methods",
     "claim",
     "title",
     "statistic",
@@ -299,7 +307,9 @@ def _per_run(frame: pd.DataFrame, method: str, layer: str) -> list[tuple[float, 
     return [_mean_of(group, slice(None)) for _, group in rows.groupby("run_a")]
 
 
-def _method_gap(frame: pd.DataFrame, high: str, low: str, layer: str, what: str) -> Effect:
+def _method_gap(
+    frame: pd.DataFrame, high: str | None, low: str | None, layer: str, what: str
+) -> Effect:
     """Mean over runs of method `high` minus method `low` at one layer; noise = the larger
     seed-to-seed range within either method."""
     a = _over_replicates(_per_run(frame, high, layer))
@@ -311,7 +321,8 @@ def _method_gap(frame: pd.DataFrame, high: str, low: str, layer: str, what: str)
         half_width=a.half_width + b.half_width,
         noise=_max_finite(a.noise, b.noise),
         replicates=a.replicates + b.replicates,
-        detail=f"{what} at {layer}: {high} {a.value:.2f}, {low} {b.value:.2f}",
+        detail=f"{what} at {layer}: {method_name(high)} {a.value:.2f}, "
+        f"{method_name(low)} {b.value:.2f}",
     )
 
 
@@ -320,8 +331,8 @@ def _invariance(table: pd.DataFrame) -> pd.DataFrame:
     return inv[inv["view_b"] == "aug2"].pipe(_diagonal)
 
 
-def c5_invariance_rises(table: pd.DataFrame) -> Effect:
-    """SimCLR's invariance CKA(aug1, aug2) at the encoder output minus at the stem."""
+def c5_invariance_rises(table: pd.DataFrame, method: str | None) -> Effect:
+    """A method's invariance CKA(aug1, aug2) at the encoder output minus at the stem."""
     inv = _invariance(table)
 
     def rise(group):
@@ -329,11 +340,12 @@ def c5_invariance_rises(table: pd.DataFrame) -> Effect:
         stem = _mean_of(group, group["layer_a"] == "stem")
         return top[0] - stem[0], top[1] + stem[1]
 
-    simclr = inv[inv["method_a"] == "simclr"]
-    effect = _over_replicates(_per_pair(simclr, rise))
+    runs = inv[inv["method_a"] == method]
+    effect = _over_replicates(_per_pair(runs, rise))
     if effect.replicates:
-        stem, top = _stem_and_top(simclr, "layer_a", "value")
-        effect.detail = f"SimCLR invariance: stem {stem:.2f}, {FINAL_LAYER} {top:.2f}"
+        stem, top = _stem_and_top(runs, "layer_a", "value")
+        name = method_name(method)
+        effect.detail = f"{name} invariance: stem {stem:.2f}, {FINAL_LAYER} {top:.2f}"
     return effect
 
 
@@ -342,16 +354,17 @@ def _stem_and_top(frame: pd.DataFrame, layer: str, value: str) -> tuple[float, f
     return tuple(_mean(frame[frame[layer] == name][value]) for name in ("stem", FINAL_LAYER))
 
 
-def c5_invariance_simclr(table: pd.DataFrame) -> Effect:
-    return _method_gap(_invariance(table), "simclr", "supervised", FINAL_LAYER, "CKA(aug1, aug2)")
+def c5_invariance_self_supervised(table: pd.DataFrame, sides: Sides) -> Effect:
+    inv = _invariance(table)
+    return _method_gap(inv, sides.ssl, sides.sup, FINAL_LAYER, "CKA(aug1, aug2)")
 
 
-def c6_class_supervised(table: pd.DataFrame) -> Effect:
+def c6_class_supervised(table: pd.DataFrame, sides: Sides) -> Effect:
     classes = table[table["kind"] == "class"]
-    return _method_gap(classes, "supervised", "simclr", FINAL_LAYER, "CKA with one-hot labels")
+    return _method_gap(classes, sides.sup, sides.ssl, FINAL_LAYER, "CKA with one-hot labels")
 
 
-def c7_probes_rise(probes: pd.DataFrame | None, method: str) -> Effect:
+def c7_probes_rise(probes: pd.DataFrame | None, method: str | None) -> Effect:
     """Linear-probe accuracy (trained encoder) at the encoder output minus at the stem."""
     if probes is None or not len(probes):
         return Effect(detail="no probes table")
@@ -370,7 +383,7 @@ def c7_probes_rise(probes: pd.DataFrame | None, method: str) -> Effect:
     effect = _over_replicates([rise(g) for _, g in trained.groupby("run")])
     if effect.replicates:
         stem, top = _stem_and_top(trained, "layer", "eval_accuracy")
-        effect.detail = f"{method}: stem {stem:.1%}, {FINAL_LAYER} {top:.1%}"
+        effect.detail = f"{method_name(method)}: stem {stem:.1%}, {FINAL_LAYER} {top:.1%}"
     return effect
 
 
@@ -405,11 +418,43 @@ def c8_first_block_dip(table: pd.DataFrame) -> Effect:
 
 
 @dataclass(frozen=True)
+class Sides:
+    """The two methods one block of claims compares: a self-supervised label and the
+    supervised one (either may be missing from a study)."""
+
+    ssl: str | None
+    sup: str | None
+
+    @property
+    def ssl_name(self) -> str:
+        return method_name(self.ssl) if self.ssl else "self-supervised"
+
+    @property
+    def label(self) -> str:
+        return f"{self.ssl or '(no self-supervised method)'} vs {self.sup or '(no supervised)'}"
+
+    def missing(self) -> str:
+        """What the study lacks for these claims ('' when both sides are there)."""
+        if self.sup is None:
+            return f"needs runs labelled {SUPERVISED} to compare with"
+        if self.ssl is None:
+            return f"needs runs of a self-supervised method (any label but {SUPERVISED})"
+        return ""
+
+
+def method_sides(methods) -> list[Sides]:
+    """One block of claims per self-supervised method, each against the supervised runs."""
+    labels = {m for m in methods if isinstance(m, str)}
+    sup = SUPERVISED if SUPERVISED in labels else None
+    return [Sides(ssl, sup) for ssl in sorted(labels - {SUPERVISED})] or [Sides(None, sup)]
+
+
+@dataclass(frozen=True)
 class Claim:
     claim: str
-    title: str
+    title: str  # `{ssl}`: the self-supervised method's name
     statistic: str
-    measure: Callable[[pd.DataFrame, pd.DataFrame | None], Effect]
+    measure: Callable[[pd.DataFrame, pd.DataFrame | None, Sides], Effect]
     rule: str = "directional"
 
 
@@ -418,14 +463,14 @@ CLAIMS = (
         "C1",
         "Within-model CKA matrices have similar block structure in both methods",
         "seed-pair minus cross-method mean |ΔCKA| of within-model matrices",
-        lambda t, p: c1_block_structure(t),
+        lambda t, p, s: c1_block_structure(t),
         "sameness",
     ),
     Claim(
         "C2",
         "Early layers (stem, stage 1) match across methods",
         "cross-method minus seed-pair CKA, early layers",
-        lambda t, p: c2_early_match(t),
+        lambda t, p, s: c2_early_match(t),
         "sameness",
     ),
     Claim(
@@ -433,56 +478,57 @@ CLAIMS = (
         "In the middle stages post-residual (even) layers are more similar across methods "
         "than residual-branch (odd) layers",
         "cross-method CKA, even minus odd layers, middle stages",
-        lambda t, p: c3_even_above_odd(t),
+        lambda t, p, s: c3_even_above_odd(t),
     ),
     Claim(
         "C4",
         "The last stage diverges: cross-method CKA falls below the middle stages'",
         "cross-method CKA, middle stages minus last stage",
-        lambda t, p: c4_last_stage_diverges(t),
+        lambda t, p, s: c4_last_stage_diverges(t),
     ),
     Claim(
         "C5a",
-        "SimCLR's augmentation invariance rises with depth",
-        f"SimCLR CKA(aug1, aug2), {FINAL_LAYER} minus stem",
-        lambda t, p: c5_invariance_rises(t),
+        "{ssl}'s augmentation invariance rises with depth",
+        f"{{ssl}} CKA(aug1, aug2), {FINAL_LAYER} minus stem",
+        lambda t, p, s: c5_invariance_rises(t, s.ssl),
     ),
     Claim(
         "C5b",
-        "Augmentation invariance is higher for SimCLR in the final layers",
-        f"CKA(aug1, aug2) at {FINAL_LAYER}, SimCLR minus supervised",
-        lambda t, p: c5_invariance_simclr(t),
+        "Augmentation invariance is higher for {ssl} in the final layers",
+        f"CKA(aug1, aug2) at {FINAL_LAYER}, {{ssl}} minus supervised",
+        lambda t, p, s: c5_invariance_self_supervised(t, s),
     ),
     Claim(
         "C6",
         "Class structure is higher for supervised learning in the final layers",
-        f"CKA with one-hot labels at {FINAL_LAYER}, supervised minus SimCLR",
-        lambda t, p: c6_class_supervised(t),
+        f"CKA with one-hot labels at {FINAL_LAYER}, supervised minus {{ssl}}",
+        lambda t, p, s: c6_class_supervised(t, s),
     ),
     Claim(
         "C7a",
-        "Linear-probe accuracy rises with depth (SimCLR)",
+        "Linear-probe accuracy rises with depth ({ssl})",
         f"probe accuracy, {FINAL_LAYER} minus stem",
-        lambda t, p: c7_probes_rise(p, "simclr"),
+        lambda t, p, s: c7_probes_rise(p, s.ssl),
     ),
     Claim(
         "C7b",
         "Linear-probe accuracy rises with depth (supervised)",
         f"probe accuracy, {FINAL_LAYER} minus stem",
-        lambda t, p: c7_probes_rise(p, "supervised"),
+        lambda t, p, s: c7_probes_rise(p, s.sup),
     ),
     Claim(
         "C8",
         "Cross-method similarity dips at the first block of each stage",
         "cross-method CKA, neighbours' mean minus first block of stages 2..",
-        lambda t, p: c8_first_block_dip(t),
+        lambda t, p, s: c8_first_block_dip(t),
     ),
 )
 
 
-def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per claim: the effect, its interval, the seed noise floor and the verdict. The
-    claims read ResNet stages and layer kinds: runs imported as any module (layer kind
+def _without_module_runs(
+    table: pd.DataFrame, probes: pd.DataFrame | None
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The claims read ResNet stages and layer kinds: runs imported as any module (layer kind
     "module") take no part."""
     modules = set(table.loc[table["layer_kind_a"] == "module", "run_a"])
     modules |= set(table.loc[table["layer_kind_b"] == "module", "run_b"])
@@ -490,25 +536,54 @@ def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.
         table = table[~table["run_a"].isin(modules) & ~table["run_b"].isin(modules)]
         if probes is not None:
             probes = probes[~probes["run"].isin(modules)]
+    return table, probes
+
+
+def _of_methods(
+    table: pd.DataFrame, probes: pd.DataFrame | None, sides: Sides
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """The rows of the two sides' runs only (class rows: the run against the labels)."""
+    keep = {sides.ssl, sides.sup} - {None}
+    rows = table["method_a"].isin(keep) & (
+        table["method_b"].isin(keep) | (table["kind"] == "class")
+    )
+    if probes is not None:
+        probes = probes[probes["method"].isin(keep)]
+    return table[rows], probes
+
+
+def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per claim and self-supervised method: the effect, its interval, the seed noise
+    floor and the verdict."""
+    table, probes = _without_module_runs(table, probes)
+    methods = set(table["method_a"]) | set(table["method_b"])
+    if probes is not None:
+        methods |= set(probes["method"])
     rows = []
-    for claim in CLAIMS:
-        effect = claim.measure(table, probes)
-        hw = effect.half_width
-        rows.append(
-            {
-                "claim": claim.claim,
-                "title": claim.title,
-                "statistic": claim.statistic,
-                "value": effect.value,
-                "ci_low": effect.value - hw,
-                "ci_high": effect.value + hw,
-                "noise_floor": effect.noise,
-                "replicates": effect.replicates,
-                "rule": claim.rule,
-                "verdict": verdict(effect, claim.rule),
-                "detail": effect.detail,
-            }
-        )
+    for sides in method_sides(methods):
+        part, part_probes = _of_methods(table, probes, sides)
+        for claim in CLAIMS:
+            effect = claim.measure(part, part_probes, sides)
+            hw = effect.half_width
+            detail = effect.detail
+            if not np.isfinite(effect.value) and sides.missing():
+                detail = sides.missing()
+            rows.append(
+                {
+                    "methods": sides.label,
+                    "claim": claim.claim,
+                    "title": claim.title.format(ssl=sides.ssl_name),
+                    "statistic": claim.statistic.format(ssl=sides.ssl_name),
+                    "value": effect.value,
+                    "ci_low": effect.value - hw,
+                    "ci_high": effect.value + hw,
+                    "noise_floor": effect.noise,
+                    "replicates": effect.replicates,
+                    "rule": claim.rule,
+                    "verdict": verdict(effect, claim.rule),
+                    "detail": detail,
+                }
+            )
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
 
 

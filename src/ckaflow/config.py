@@ -141,6 +141,15 @@ class ModelSpec:
 
 # the head of a trained run's network, by method; imported runs name theirs
 HEADS = {"simclr": "projector", "supervised": "classifier"}
+# the label of the supervised side in the paper's claims; every other method label is a
+# self-supervised side (imported runs may carry any label: byol, dino, ...)
+SUPERVISED = "supervised"
+METHOD_NAMES = {"simclr": "SimCLR"}
+
+
+def method_name(label) -> str:
+    """How figures and the summary print a method label."""
+    return METHOD_NAMES.get(label, str(label))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from ckaflow.config import method_name  # noqa: E402
 from ckaflow.provenance import atomic_path  # noqa: E402
 from ckaflow.study import FIGURE_FORMATS, figure_name  # noqa: E402
 from ckaflow.tables import read_table  # noqa: E402
@@ -34,7 +35,6 @@ EVERY_LAYER_MAX = 20  # up to this many drawn layers, every one gets a tick
 TICK_GAP_IN = 0.13  # the least distance between two tick labels (7 pt text), in inches
 TICK_FONT = 7
 BLOCK = re.compile(r"^(layer\d+\.\d+)\.")  # `layer<s>.<b>.<kind>` belongs to block `layer<s>.<b>`
-METHOD_NAMES = {"simclr": "SimCLR", "supervised": "supervised"}
 MARKERS = "osD^v<>p*h"
 INTERVAL = "interval"  # gid of the error bars of a curve
 STAGE_LINE = "stage-boundary"  # gid of the lines between stages
@@ -135,10 +135,6 @@ def _colours(n: int) -> list:
     greyscale, none too light to see on white."""
     cmap = plt.get_cmap(matplotlib.rcParams["image.cmap"])
     return [cmap(x) for x in np.linspace(0.0, 0.68, n)] if n > 1 else [cmap(0.0)]
-
-
-def _method(name) -> str:
-    return METHOD_NAMES.get(name, str(name))
 
 
 # -- heatmaps ---------------------------------------------------------------------------------
@@ -378,7 +374,7 @@ def draw_cross_diagonal(cross: pd.DataFrame):
             )
             colour = method_colours[method]
             what = "range and 95% intervals" if _has_intervals(band) else "range"
-            label = f"{_method(method)} seed vs seed ({what})"
+            label = f"{method_name(method)} seed vs seed ({what})"
             poly = ax.fill_between(
                 spread.index,
                 spread["low"],

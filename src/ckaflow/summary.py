@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ckaflow.claims import claims_table, shared_init_effect
+from ckaflow.config import SUPERVISED
 from ckaflow.provenance import atomic_path
 from ckaflow.tables import read_table, representation_probes, write_both
 
@@ -20,6 +21,18 @@ def _num(x: float, fmt: str = "+.3f") -> str:
 
 
 def claim_lines(claims: pd.DataFrame) -> list[str]:
+    """The claims as tables, one per self-supervised method compared with the supervised runs
+    (a heading each when there are several)."""
+    blocks = list(claims.groupby("methods", sort=False))
+    lines = []
+    for methods, block in blocks:
+        if len(blocks) > 1:
+            lines += [f"### {methods}", ""]
+        lines += _claim_table(block)
+    return lines
+
+
+def _claim_table(claims: pd.DataFrame) -> list[str]:
     lines = [
         "| claim | statistic | effect [95% interval] | seed floor | verdict |",
         "|---|---|---|---|---|",
@@ -40,7 +53,7 @@ def claim_lines(claims: pd.DataFrame) -> list[str]:
         )
     lines.append("")
     lines += [f"- {row.claim}: {row.detail}" for row in claims.itertuples() if row.detail]
-    return lines
+    return [*lines, ""]
 
 
 def shared_init_lines(table: pd.DataFrame) -> list[str]:
@@ -84,6 +97,17 @@ def probe_lines(probes: pd.DataFrame) -> list[str]:
             line += f" against {pool['untrained']:.1%} untrained ({gain:+.1f} points)"
         lines.append(f"{line}; best layer {best['layer']} ({best['eval_accuracy']:.1%}).")
     return lines
+
+
+def compared(claims: pd.DataFrame) -> str:
+    """Which methods the claims compare, in words."""
+    blocks = list(dict.fromkeys(claims["methods"]))
+    if len(blocks) == 1:
+        return f"Methods compared: {blocks[0]}."
+    return (
+        f"Methods compared: {'; '.join(blocks)} (each self-supervised method against the "
+        f"{SUPERVISED} runs, on the runs of those two methods only)."
+    )
 
 
 RULES = (
@@ -133,10 +157,9 @@ def summarize(
             "",
             "## The paper's claims, measured in this run",
             "",
-            f"Claims of {PAPER}; rules below the table.",
+            f"Claims of {PAPER}; rules below the table. {compared(claims)}",
             "",
             *claim_lines(claims),
-            "",
             RULES,
             "",
             *shared_init_lines(table),
