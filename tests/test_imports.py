@@ -211,6 +211,88 @@ def test_lightly_simclr_imports_with_its_projector(prepared, images, tmp_path):
     _assert_same_network(out, _native(model, points, images), images)
 
 
+def _assert_untrained_baseline_is_the_same_network(model_pt, prepared, tmp_path, monkeypatch):
+    """The probes' untrained baseline of an imported run: its architecture exactly (projector
+    layout from the file, no stem ReLU where the file has none), other weights."""
+    from ckaflow import evaluate, models
+
+    built = []
+
+    def spy(*args, **kwargs):
+        built.append(models.build_network(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(models, "initial_network", spy)
+    evaluate.probe_run(model_pt, prepared, tmp_path / "probes.parquet", "pool", steps=2)
+    trained, _ = load_network(model_pt)
+    shapes = {k: v.shape for k, v in trained.state_dict().items()}
+    assert {k: v.shape for k, v in built[0].state_dict().items()} == shapes
+    assert type(built[0].encoder.relu) is type(trained.encoder.relu)
+
+
+def _lightly_benchmark_simclr():
+    """lightly's CIFAR-10 benchmark SimCLR (benchmarks/imagenette, cifar10_benchmark.py): its
+    own ResNetGenerator's children without `linear` and an adaptive pool as the backbone. Its
+    forward applies the stem's ReLU functionally, so this backbone has none after bn1."""
+    from lightly.models import ResNetGenerator
+    from lightly.models.modules import SimCLRProjectionHead
+
+    class SimCLR(nn.Module):
+        def __init__(self):
+            super().__init__()
+            resnet = ResNetGenerator("resnet-18")
+            self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
+            self.projection_head = SimCLRProjectionHead(512, 512, 128)
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    return SimCLR()
+
+
+def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
+    prepared, images, tmp_path, monkeypatch
+):
+    from lightly.loss import NTXentLoss
+    from lightly.models import ResNetGenerator
+
+    torch.manual_seed(4)
+    model, loss = _lightly_benchmark_simclr(), NTXentLoss()
+
+    def contrastive(m, x, _):
+        return loss(m(x), m(torch.roll(x.flip(-1), 2, dims=-1)))
+
+    _train_steps(model, contrastive, prepared)
+    path = tmp_path / "lightly-generator.pth"
+    torch.save(model.state_dict(), path)
+    run = _spec("gen", path, "lightly", "projector", stem="cifar", method="simclr")
+    out = import_run(run, prepared, tmp_path / "m.pt")
+    assert torch.load(out, weights_only=True)["meta"]["stem_relu"] is False
+    _assert_tampered_refused(path, run, prepared, tmp_path, "backbone.3.0.bn1.running_mean")
+    stages = {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}  # the stem: bn1's output, no ReLU
+    points = _resnet_points("backbone.", stages, "6")
+    points["head.0"] = ("projection_head.layers.2", "output")
+    points["head.1"] = ("projection_head.layers.4", "output")
+    _assert_same_network(out, _native(model, points, images), images)
+    _assert_untrained_baseline_is_the_same_network(out, prepared, tmp_path, monkeypatch)
+
+    # a ResNetGenerator kept whole (its forward has the ReLU; `linear` is its classifier)
+    torch.manual_seed(5)
+    whole = nn.Module()
+    whole.backbone = ResNetGenerator("resnet-18", num_classes=10)
+    whole.forward = whole.backbone.forward
+    _train_steps(whole, lambda m, x, y: nn.functional.cross_entropy(m(x), y), prepared)
+    path = tmp_path / "lightly-whole.pth"
+    torch.save(whole.state_dict(), path)
+    run = _spec("whole", path, "lightly", "classifier", stem="cifar", method="supervised")
+    out = import_run(run, prepared, tmp_path / "w.pt")
+    points = _resnet_points("backbone.", {0: "", **{s: f"layer{s}" for s in range(1, 5)}}, "")
+    points["stem"] = ("backbone.layer1", "input")  # after the functional ReLU
+    points["pool"] = ("backbone.linear", "input")  # avg_pool2d(4) of the 4x4 map: global
+    points["fc"] = ("backbone.linear", "output")
+    _assert_same_network(out, _native(whole, points, images), images)
+
+
 def _solo_learn_simclr(proj_hidden=256, proj_out=64):
     """solo-learn's SimCLR for CIFAR (solo/methods/base.py, simclr.py): torchvision's ResNet
     with conv1 3x3 stride 1 padding 2 and no max-pool, fc removed; projector Linear-ReLU-Linear;

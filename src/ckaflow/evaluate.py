@@ -154,7 +154,7 @@ def probe_run(
     names = [layer.name for layer in chosen]
     encoders = {"trained": trained}
     if untrained:
-        untrained_net = initial_network(run, meta["data_attrs"]).to(dev)
+        untrained_net = initial_network(run, meta["data_attrs"], meta).to(dev)
         encoders["untrained"] = calibrate_batchnorm(
             untrained_net, train_images, data.normalise, dev
         )

@@ -3,7 +3,9 @@
 Formats (config `imports[].format`), each a ResNet whose encoder keys are torchvision's:
 - `torchvision`, `timm`: a ResNet's `state_dict()` (`conv1.weight`, ..., `fc.*` the classifier).
 - `lightly`: its SimCLR example's module, `backbone` (torchvision's children in an
-  `nn.Sequential`: `backbone.0` conv1, `.1` bn1, `.4`-`.7` layer1-4; or the ResNet itself) and
+  `nn.Sequential`: `backbone.0` conv1, `.1` bn1, `.4`-`.7` layer1-4; its benchmarks' CIFAR
+  ResNetGenerator's children: `.2`-`.5` layer1-4, no ReLU after the stem, `shortcut` for
+  `downsample`; or the ResNet itself, a ResNetGenerator's `linear` its classifier) and
   `projection_head.layers.*`; `online_classifier.classification_head.*` is its classifier.
 - `solo-learn`: its Lightning checkpoint's `state_dict`, `backbone.*` (`encoder.*` before 2022),
   `projector.*` and the online linear `classifier.*`.
@@ -36,13 +38,18 @@ from ckaflow.provenance import atomic_path, provenance
 from ckaflow.train import checkpoint
 
 PREFIXES = ("module.", "_orig_mod.")
-LIGHTLY_SEQUENTIAL = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3"}
-LIGHTLY_SEQUENTIAL["7"] = "layer4"
+LAYERS = ("layer1", "layer2", "layer3", "layer4")
+# lightly backbones as an nn.Sequential of a ResNet's children: torchvision's (conv1, bn1,
+# relu, maxpool, layer1-4) or its own CIFAR ResNetGenerator's (conv1, bn1, layer1-4: the
+# stem's ReLU is functional in its forward, so the Sequential has none)
+TORCHVISION_CHILDREN = dict(zip("014567", ("conv1", "bn1", *LAYERS), strict=True))
+GENERATOR_CHILDREN = dict(zip("012345", ("conv1", "bn1", *LAYERS), strict=True))
 # per format: key prefix -> part (encoder | projector | classifier | ignored); first match wins
 PARTS = {
     "torchvision": (("fc.", "classifier"), ("", "encoder")),
     "timm": (("fc.", "classifier"), ("", "encoder")),
     "lightly": (
+        ("backbone.linear.", "classifier"),  # a ResNetGenerator kept whole: its classifier
         ("backbone.", "encoder"),
         ("projection_head.layers.", "projector"),
         ("online_classifier.classification_head.", "classifier"),
@@ -87,6 +94,7 @@ def split_parts(weights: dict[str, torch.Tensor], fmt: str, path: Path) -> dict[
     if fmt not in PARTS:
         raise CheckpointError(f"{path}: unknown format {fmt!r}; expected one of {sorted(PARTS)}")
     parts: dict[str, dict] = {"encoder": {}, "projector": {}, "classifier": {}, "ignored": {}}
+    children = GENERATOR_CHILDREN if lightly_generator_sequential(weights) else TORCHVISION_CHILDREN
     for key, value in weights.items():
         prefix, part = next(((p, part) for p, part in PARTS[fmt] if key.startswith(p)), ("", ""))
         if not part:
@@ -97,13 +105,27 @@ def split_parts(weights: dict[str, torch.Tensor], fmt: str, path: Path) -> dict[
         name = key[len(prefix) :]
         if part == "head":  # ckaflow's own: a projector has a BatchNorm, a classifier not
             part = "projector" if any(k.startswith("head.1.") for k in weights) else "classifier"
-        if fmt == "lightly" and part == "encoder" and name.split(".")[0] in LIGHTLY_SEQUENTIAL:
-            first, _, rest = name.partition(".")
-            name = f"{LIGHTLY_SEQUENTIAL[first]}.{rest}"
+        if fmt == "lightly" and part == "encoder":
+            name = _lightly_encoder_key(name, children)
         parts[part][name] = value
     if not parts["encoder"]:
         raise CheckpointError(f"{path}: no encoder keys for format {fmt!r}; is the format right?")
     return parts
+
+
+def lightly_generator_sequential(weights: dict[str, torch.Tensor]) -> bool:
+    """A lightly backbone made of ResNetGenerator's children: parameters at index 2 (layer1;
+    torchvision's children have a parameterless ReLU there)."""
+    return any(k.startswith("backbone.2.") for k in weights)
+
+
+def _lightly_encoder_key(name: str, children: dict[str, str]) -> str:
+    """A lightly backbone key in torchvision's names (ResNetGenerator calls the projection
+    shortcut what torchvision calls downsample)."""
+    first, _, rest = name.partition(".")
+    if first in children:
+        name = f"{children[first]}.{rest}"
+    return name.replace(".shortcut.", ".downsample.")
 
 
 def projector_layout_of(weights: dict[str, torch.Tensor], path: Path) -> list[list]:
@@ -153,7 +175,8 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
     path = Path(source.checkpoint)
     if source.format == "module":
         return _import_module(run, data_attrs, path)
-    parts = split_parts(read_weights(path), source.format, path)
+    weights = read_weights(path)
+    parts = split_parts(weights, source.format, path)
     encoder = parts["encoder"]
     conv1 = encoder.get("conv1.weight")
     if conv1 is None or conv1.ndim != 4:
@@ -175,10 +198,18 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
         extra["projector"] = projector_layout_of(wanted, path)
     if head == "classifier":
         extra["head_outputs"] = int(wanted["weight"].shape[0])
+    if source.format == "lightly" and lightly_generator_sequential(weights):
+        extra["stem_relu"] = False
     channels, size, _ = data_attrs["image_shape"]
     try:
         net = Network(
-            head, model, channels, size, extra.get("head_outputs"), extra.get("projector")
+            head,
+            model,
+            channels,
+            size,
+            extra.get("head_outputs"),
+            extra.get("projector"),
+            extra.get("stem_relu", True),
         )
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
@@ -239,6 +270,7 @@ def import_run(run: RunSpec, data_path: str | Path, out: str | Path, log=print) 
         data_attrs={k: attrs[k] for k in ("dataset", "image_shape", "num_classes", "mean", "std")},
         head_outputs=extra.get("head_outputs"),
         projector=extra.get("projector"),
+        stem_relu=extra.get("stem_relu", True),
         imported={
             "format": run.imported.format,
             "checkpoint": str(path),

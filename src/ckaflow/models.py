@@ -43,6 +43,7 @@ class Encoder(ResNet):
         image_size: int,
         stem: str = "auto",
         stem_padding: int = 1,
+        stem_relu: bool = True,
     ):
         nn.Module.__init__(self)
         block_type, blocks = ARCHS[arch]
@@ -63,7 +64,8 @@ class Encoder(ResNet):
             self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
+        # the stem's own; torchvision's blocks have theirs
+        self.relu = nn.ReLU(inplace=True) if stem_relu else nn.Identity()
         self.layer1 = self._make_layer(block, width, blocks[0])
         self.layer2 = self._make_layer(block, 2 * width, blocks[1], stride=2)
         self.layer3 = self._make_layer(block, 4 * width, blocks[2], stride=2)
@@ -107,7 +109,10 @@ def build_projector(layout: list[list]) -> nn.Sequential:
 
 class Network(nn.Module):
     """Encoder plus its head: the projector, the classifier, or none (`head`, see
-    layers.head_layer_names). A network made for 3 channels repeats grey images' one channel."""
+    layers.head_layer_names). A network made for 3 channels repeats grey images' one channel.
+    `stem_relu` False: no ReLU between the stem's BatchNorm and layer1, as in lightly's CIFAR
+    benchmark backbone (ResNetGenerator's children in an nn.Sequential leave out its
+    functional ReLU); every other network has it."""
 
     def __init__(
         self,
@@ -117,6 +122,7 @@ class Network(nn.Module):
         image_size: int,
         out: int | None,
         projector: list[list] | None = None,
+        stem_relu: bool = True,
     ):
         super().__init__()
         head = HEADS.get(head, head)  # a trained method's name stands for its head
@@ -129,7 +135,13 @@ class Network(nn.Module):
             )
         self.repeat_channels = net_channels if net_channels != in_channels else 0
         self.encoder = Encoder(
-            spec.arch, spec.width, net_channels, image_size, spec.stem, spec.stem_padding
+            spec.arch,
+            spec.width,
+            net_channels,
+            image_size,
+            spec.stem,
+            spec.stem_padding,
+            stem_relu,
         )
         dim = self.encoder.feature_dim
         if head == "projector":
@@ -336,14 +348,15 @@ def forward_settings(
 
 def build_network(run: RunSpec, data_attrs: dict, meta: dict | None = None) -> nn.Module:
     """The run's network for the data (untrained); `meta` (a model.pt's) gives an imported
-    network's head size and projector layout."""
+    network's head size, projector layout and whether its stem has a ReLU."""
     channels, size, _ = data_attrs["image_shape"]
     meta = meta or {}
     source = run.imported
     if source is not None and source.format == "module":
         return ModuleNetwork(build_module(source.builder, source.kwargs), source.layers, channels)
     out = meta.get("head_outputs") or run.head_outputs(data_attrs["num_classes"])
-    return Network(run.head, run.model, channels, size, out, meta.get("projector"))
+    projector, stem_relu = meta.get("projector"), meta.get("stem_relu", True)
+    return Network(run.head, run.model, channels, size, out, projector, stem_relu)
 
 
 def initial_network(run: RunSpec, data_attrs: dict, meta: dict | None = None) -> Network:
