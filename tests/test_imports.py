@@ -568,6 +568,30 @@ def test_a_network_that_is_not_a_resnet_imports_by_its_builder(prepared, images,
     _assert_same_network(out, native, images)
 
 
+def test_a_timm_deep_stem_is_refused_as_timm_and_imports_as_a_module(prepared, images, tmp_path):
+    """timm's resnet18d (3-conv stem, avg-pool shortcut) is no torchvision ResNet: format timm
+    says so and names the way that works, format module with timm's own builder."""
+    import timm
+
+    torch.manual_seed(6)
+    model = timm.create_model("resnet18d", num_classes=10)
+    _train_steps(model, lambda m, x, y: nn.functional.cross_entropy(m(x), y), prepared)
+    path = tmp_path / "resnet18d.pth"
+    torch.save(model.state_dict(), path)
+    with pytest.raises(CheckpointError, match="a deep stem .* format: module") as err:
+        import_run(_spec("d", path, "timm", "classifier"), prepared, tmp_path / "m.pt")
+    assert str(path) in str(err.value)
+    module = {
+        "builder": "timm:create_model",
+        "kwargs": {"model_name": "resnet18d", "num_classes": 10},
+        "layers": {"names": ["layer?.?", "global_pool"]},
+    }
+    out = import_run(_module_spec("d", path, module), prepared, tmp_path / "m.pt")
+    names = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)] + ["global_pool"]
+    native = _native(model, {name: (name, "output") for name in names}, images)
+    _assert_same_network(out, native, images)
+
+
 def test_a_module_import_refuses_a_wrong_builder_layers_or_weights(prepared, tmp_path):
     import torchvision
 

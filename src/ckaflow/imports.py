@@ -179,6 +179,13 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
     parts = split_parts(weights, source.format, path)
     encoder = parts["encoder"]
     conv1 = encoder.get("conv1.weight")
+    if "conv1.0.weight" in encoder:
+        raise CheckpointError(
+            f"{path}: a deep stem (conv1.0, conv1.3, conv1.6: timm's resnet*c/d/s variants), "
+            "which the ResNet formats do not have; import it with format: module, "
+            'module: {builder: "timm:create_model", kwargs: {model_name: ..., num_classes: ...}, '
+            'layers: {names: ["layer?.?", "global_pool"]}}'
+        )
     if conv1 is None or conv1.ndim != 4:
         raise CheckpointError(f"{path}: no conv1.weight among the encoder keys")
     stem = "imagenet" if conv1.shape[-1] == 7 else "cifar"
