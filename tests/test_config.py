@@ -101,3 +101,24 @@ def test_recipe_keys_a_method_never_reads_are_no_part_of_its_run():
     assert runs["simclr"].momentum is None and runs["simclr"].temperature == 0.5
     lars = config.validate({"recipes": {"simclr": {"optimizer": "lars"}}})
     assert config.run_specs(lars)[0].recipe.lars_eta == 0.001
+
+
+def test_the_readme_s_config_examples_are_valid_studies():
+    """Every YAML block of the README is a valid (partial) config whose runs can be built, so
+    the examples a user copies do not rot as the schema changes."""
+    import re
+    import textwrap
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3  # cluster settings, imports, a module import
+    imports = 0
+    for block in blocks:
+        raw = config.validate(yaml.safe_load(textwrap.dedent(block)))
+        runs = config.run_specs(raw)
+        imports += sum(run.imported is not None for run in runs)
+        assert runs, block
+    assert imports >= 3

@@ -508,6 +508,8 @@ def test_a_study_of_one_trained_and_two_imported_runs(tmp_path):
     assert (figures / "cross-supervised-resnet18-w4-s0-vs-tv.png").stat().st_size > 10_000
     summary = (results / "summary.md").read_text()
     assert summary.count("| **C") >= 7 and "mnv3: linear probe at classifier.3" in summary
+    # the module run takes no part in the claims, so both sides left are supervised
+    assert "Methods compared: (no self-supervised method) vs supervised." in summary
     assert (figures / "within-mnv3.clean.png").stat().st_size > 10_000
     log = (results / "logs" / "import_run" / "tv.log").read_text()
     assert "torchvision tv.pth" in log and "27 layers" in log  # stem, 8 x 3, pool, fc
