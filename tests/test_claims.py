@@ -317,12 +317,42 @@ def test_a_study_of_one_method_says_what_each_cross_method_claim_needs():
     claims = claims_table(one_method, None).set_index("claim")
     for claim in ("C3", "C4", "C8"):
         assert claims.loc[claim, "verdict"] == "not measured"
-    assert claims.loc["C3", "detail"] == (
-        "needs runs of a self-supervised method (any label but supervised)"
-    )
-    assert claims.loc["C7b", "verdict"] == "not measured"  # no probes table given
-    with_probes = claims_table(one_method, probes_table(World())).set_index("claim")
+    needs_ssl = "needs runs of a self-supervised method (any label but supervised)"
+    assert claims.loc["C3", "detail"] == claims.loc["C5a", "detail"] == needs_ssl
+    # C7b needs the supervised runs only: what it lacks here is the probes table
+    assert claims.loc["C7b", "verdict"] == "not measured"
+    assert claims.loc["C7b", "detail"] == "no probes table"
+    probes = probes_table(World()).query("method == 'supervised'")
+    with_probes = claims_table(one_method, probes)
+    assert set(with_probes["methods"]) == {"(no self-supervised method) vs supervised"}
+    with_probes = with_probes.set_index("claim")
     assert with_probes.loc["C7b", "verdict"] == "agrees"  # one method's own claim is measured
+    assert with_probes.loc["C7a", "detail"] == needs_ssl
+
+
+def test_only_the_compared_runs_methods_make_blocks():
+    """A probes table with another method's runs (e.g. a stale file) adds no block; an empty
+    probes table is no probes table."""
+    w = World()
+    extra = relabel(probes_table(w).query("method == 'simclr'"), "simclr", "mocov2")
+    got = claims_table(cka_table(w), pd.concat([probes_table(w), extra]))
+    assert set(got["methods"]) == {"simclr vs supervised"}
+    pd.testing.assert_frame_equal(got, claims_table(cka_table(w), probes_table(w)))
+    empty = claims_table(cka_table(w), pd.DataFrame()).set_index("claim")
+    assert empty.loc["C7a", "detail"] == "no probes table"
+
+
+def test_a_study_of_module_runs_only_says_they_take_no_part():
+    table = cka_table(World())
+    table["layer_kind_a"] = "module"
+    table.loc[table["kind"] != "class", "layer_kind_b"] = "module"  # class rows: the labels
+    got = claims_table(table, None)
+    assert set(got["verdict"]) == {"not measured"}
+    assert got.set_index("claim").loc["C3", "detail"] == (
+        "needs runs of a self-supervised method (any label but supervised) and runs labelled "
+        "supervised (simclr-resnet18-s0, simclr-resnet18-s1, supervised-resnet18-s0, "
+        "supervised-resnet18-s1: imported as modules, no part)"
+    )
 
 
 def relabel(frame: pd.DataFrame, old: str, new: str, sides=("a", "b")) -> pd.DataFrame:
@@ -396,7 +426,7 @@ def test_without_a_supervised_label_the_cross_method_claims_say_what_they_need()
     dino = got[got["methods"] == "dino vs (no supervised)"].set_index("claim")
     for claim in ("C1", "C2", "C3", "C4", "C5b", "C6", "C7b", "C8"):
         assert dino.loc[claim, "verdict"] == "not measured"
-        assert dino.loc[claim, "detail"] == "needs runs labelled supervised to compare with"
+        assert dino.loc[claim, "detail"] == "needs runs labelled supervised"
     assert dino.loc["C5a", "verdict"] == dino.loc["C7a", "verdict"] == "agrees"
 
 
@@ -429,3 +459,9 @@ def test_the_summary_has_a_table_per_self_supervised_method(tmp_path):
         assert rows[ALL.index("C3")].endswith("**disagrees** |")
         name = "SimCLR" if block.startswith("simclr") else "byol"
         assert rows[ALL.index("C5a")].startswith(f"| **C5a** {name}'s augmentation invariance")
+
+
+def test_the_starting_point_table_counts_only_self_supervised_against_supervised_pairs():
+    w = World()
+    three, _ = three_methods(w)  # simclr-vs-byol pairs at CKA 0
+    pd.testing.assert_frame_equal(shared_init_effect(three), shared_init_effect(cka_table(w)))

@@ -273,8 +273,13 @@ def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
     points = _resnet_points("backbone.", stages, "6")
     points["head.0"] = ("projection_head.layers.2", "output")
     points["head.1"] = ("projection_head.layers.4", "output")
-    _assert_same_network(out, _native(model, points, images), images)
+    native = _native(model, points, images)
+    _assert_same_network(out, native, images)
     _assert_untrained_baseline_is_the_same_network(out, prepared, tmp_path, monkeypatch)
+
+    # imported again from its model.pt (format ckaflow): still without the stem's ReLU
+    again = _spec("again", out, "ckaflow", "projector", stem="cifar", method="simclr")
+    _assert_same_network(import_run(again, prepared, tmp_path / "a.pt"), native, images)
 
     # a ResNetGenerator kept whole (its forward has the ReLU; `linear` is its classifier)
     torch.manual_seed(5)
@@ -291,6 +296,103 @@ def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
     points["pool"] = ("backbone.linear", "input")  # avg_pool2d(4) of the 4x4 map: global
     points["fc"] = ("backbone.linear", "output")
     _assert_same_network(out, _native(whole, points, images), images)
+    # and an online classifier beside it: two classifiers, refused rather than one dropped
+    state = whole.state_dict()
+    for name in ("weight", "bias"):
+        state[f"online_classifier.classification_head.{name}"] = state[f"backbone.linear.{name}"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match="two classifiers") as err:
+        import_run(run, prepared, tmp_path / "two.pt")
+    assert str(path) in str(err.value)
+
+
+def test_lightly_byol_imports_without_its_momentum_copies_and_predictor(prepared, images, tmp_path):
+    """lightly's BYOL (examples and benchmarks): backbone, projection and prediction heads, and
+    momentum copies of backbone and projector; the online backbone and projector are compared."""
+    import copy
+
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models import ResNetGenerator
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+
+    class BYOL(nn.Module):
+        def __init__(self):
+            super().__init__()
+            resnet = ResNetGenerator("resnet-18")
+            self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
+            self.projection_head = BYOLProjectionHead(512, 1024, 256)
+            self.prediction_head = BYOLPredictionHead(256, 1024, 256)
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    torch.manual_seed(7)
+    model, loss = BYOL(), NegativeCosineSimilarity()
+
+    def byol(m, x, _):
+        p = m.prediction_head(m(x))
+        with torch.no_grad():
+            z = m.projection_head_momentum(m.backbone_momentum(x.flip(-1)).flatten(start_dim=1))
+        return loss(p, z)
+
+    _train_steps(model, byol, prepared)
+    path = tmp_path / "byol.pth"
+    torch.save(model.state_dict(), path)
+    run = _spec("byol", path, "lightly", "projector", stem="cifar", method="byol")
+    out = import_run(run, prepared, tmp_path / "m.pt")
+    meta = torch.load(out, weights_only=True)["meta"]
+    assert meta["imported"]["dropped"] == ["ignored"]  # momentum copies and predictor
+    points = _resnet_points("backbone.", {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}, "6")
+    points["head.0"] = ("projection_head.layers.2", "output")
+    points["head.1"] = ("projection_head.layers.3", "output")
+    _assert_same_network(out, _native(model, points, images), images)
+
+
+def test_lightly_moco_split_batchnorm_imports_with_its_eval_statistics(prepared, images, tmp_path):
+    """lightly's MoCo CIFAR benchmark: a ResNetGenerator with SplitBatchNorm (num_splits=8), its
+    file saved in training mode with 8 different running statistics per channel; eval mode uses
+    their mean, and so does the import."""
+    import copy
+
+    from lightly.loss import NTXentLoss
+    from lightly.models import ResNetGenerator
+    from lightly.models.modules import MoCoProjectionHead
+
+    class MoCo(nn.Module):
+        def __init__(self):
+            super().__init__()
+            resnet = ResNetGenerator("resnet-18", 1, num_splits=8)
+            self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
+            self.projection_head = MoCoProjectionHead(512, 512, 128)
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+
+        def forward(self, x):
+            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+    torch.manual_seed(8)
+    model, loss = MoCo(), NTXentLoss()
+    _train_steps(model, lambda m, x, _: loss(m(x), m(torch.roll(x, 2, dims=-1))), prepared)
+    model.train()  # one more training batch: the 8 splits' statistics drift apart again
+    with torch.no_grad():
+        model(images[:32])
+    state = model.state_dict()
+    splits = state["backbone.1.running_mean"].view(8, 64)
+    assert not torch.allclose(splits[0], splits[1])
+    path = tmp_path / "moco.pth"
+    torch.save(state, path)
+    model.eval()  # lightly's SplitBatchNorm averages the splits here
+    out = import_run(
+        _spec("moco", path, "lightly", "projector", stem="cifar", method="moco"),
+        prepared,
+        tmp_path / "m.pt",
+    )
+    points = _resnet_points("backbone.", {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}, "6")
+    points["head.0"] = ("projection_head.layers.1", "output")  # Linear, ReLU, Linear
+    points["head.1"] = ("projection_head.layers.2", "output")
+    _assert_same_network(out, _native(model, points, images), images)
 
 
 def _solo_learn_simclr(proj_hidden=256, proj_out=64):
@@ -586,7 +688,7 @@ def test_a_timm_deep_stem_is_refused_as_timm_and_imports_as_a_module(prepared, i
     module = {
         "builder": "timm:create_model",
         "kwargs": {"model_name": "resnet18d", "num_classes": 10},
-        "layers": {"names": ["layer?.?", "global_pool"]},
+        "layers": {"names": ["layer?.?", "layer?.??", "global_pool"]},
     }
     out = import_run(_module_spec("d", path, module), prepared, tmp_path / "m.pt")
     names = [f"layer{s}.{b}" for s in range(1, 5) for b in range(2)] + ["global_pool"]

@@ -342,7 +342,9 @@ def c5_invariance_rises(table: pd.DataFrame, method: str | None) -> Effect:
 
     runs = inv[inv["method_a"] == method]
     effect = _over_replicates(_per_pair(runs, rise))
-    if effect.replicates:
+    if not effect.replicates:
+        effect.detail = f"needs invariance comparisons (aug1, aug2) of {method_name(method)}"
+    else:
         stem, top = _stem_and_top(runs, "layer_a", "value")
         name = method_name(method)
         effect.detail = f"{name} invariance: stem {stem:.2f}, {FINAL_LAYER} {top:.2f}"
@@ -381,7 +383,9 @@ def c7_probes_rise(probes: pd.DataFrame | None, method: str | None) -> Effect:
         return float(p[FINAL_LAYER] - p["stem"]), float(hw[FINAL_LAYER] + hw["stem"])
 
     effect = _over_replicates([rise(g) for _, g in trained.groupby("run")])
-    if effect.replicates:
+    if not effect.replicates:
+        effect.detail = f"no probes of {method_name(method)}"
+    else:
         stem, top = _stem_and_top(trained, "layer", "eval_accuracy")
         effect.detail = f"{method_name(method)}: stem {stem:.1%}, {FINAL_LAYER} {top:.1%}"
     return effect
@@ -414,7 +418,10 @@ def c8_first_block_dip(table: pd.DataFrame) -> Effect:
             return np.nan, np.nan
         return _mean(values), _mean(widths)
 
-    return _over_replicates(_per_pair(cross, dip))
+    effect = _over_replicates(_per_pair(cross, dip))
+    if not effect.replicates:
+        effect.detail = "needs a cross-method pair"
+    return effect
 
 
 @dataclass(frozen=True)
@@ -427,23 +434,27 @@ class Sides:
 
     @property
     def ssl_name(self) -> str:
-        return method_name(self.ssl) if self.ssl else "self-supervised"
+        return method_name(self.ssl) if self.ssl else "the self-supervised method"
 
     @property
     def label(self) -> str:
         return f"{self.ssl or '(no self-supervised method)'} vs {self.sup or '(no supervised)'}"
 
-    def missing(self) -> str:
-        """What the study lacks for these claims ('' when both sides are there)."""
-        if self.sup is None:
-            return f"needs runs labelled {SUPERVISED} to compare with"
-        if self.ssl is None:
-            return f"needs runs of a self-supervised method (any label but {SUPERVISED})"
-        return ""
+    def missing(self, needs: str) -> str:
+        """What the study lacks for a claim that needs `needs` (ssl, sup or both); '' if
+        nothing."""
+        lacking = []
+        if needs in ("ssl", "both") and self.ssl is None:
+            lacking.append(f"runs of a self-supervised method (any label but {SUPERVISED})")
+        if needs in ("sup", "both") and self.sup is None:
+            lacking.append(f"runs labelled {SUPERVISED}")
+        return f"needs {' and '.join(lacking)}" if lacking else ""
 
 
 def method_sides(methods) -> list[Sides]:
-    """One block of claims per self-supervised method, each against the supervised runs."""
+    """One block of claims per self-supervised method, each against the supervised runs
+    (one block with a side missing when the study has no self-supervised or no supervised
+    runs)."""
     labels = {m for m in methods if isinstance(m, str)}
     sup = SUPERVISED if SUPERVISED in labels else None
     return [Sides(ssl, sup) for ssl in sorted(labels - {SUPERVISED})] or [Sides(None, sup)]
@@ -456,6 +467,7 @@ class Claim:
     statistic: str
     measure: Callable[[pd.DataFrame, pd.DataFrame | None, Sides], Effect]
     rule: str = "directional"
+    needs: str = "both"  # the sides it reads: both, ssl or sup
 
 
 CLAIMS = (
@@ -491,6 +503,7 @@ CLAIMS = (
         "{ssl}'s augmentation invariance rises with depth",
         f"{{ssl}} CKA(aug1, aug2), {FINAL_LAYER} minus stem",
         lambda t, p, s: c5_invariance_rises(t, s.ssl),
+        needs="ssl",
     ),
     Claim(
         "C5b",
@@ -509,12 +522,14 @@ CLAIMS = (
         "Linear-probe accuracy rises with depth ({ssl})",
         f"probe accuracy, {FINAL_LAYER} minus stem",
         lambda t, p, s: c7_probes_rise(p, s.ssl),
+        needs="ssl",
     ),
     Claim(
         "C7b",
         "Linear-probe accuracy rises with depth (supervised)",
         f"probe accuracy, {FINAL_LAYER} minus stem",
         lambda t, p, s: c7_probes_rise(p, s.sup),
+        needs="sup",
     ),
     Claim(
         "C8",
@@ -527,16 +542,16 @@ CLAIMS = (
 
 def _without_module_runs(
     table: pd.DataFrame, probes: pd.DataFrame | None
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+) -> tuple[pd.DataFrame, pd.DataFrame | None, set]:
     """The claims read ResNet stages and layer kinds: runs imported as any module (layer kind
-    "module") take no part."""
+    "module") take no part. Also returns their names."""
     modules = set(table.loc[table["layer_kind_a"] == "module", "run_a"])
     modules |= set(table.loc[table["layer_kind_b"] == "module", "run_b"])
     if modules:
         table = table[~table["run_a"].isin(modules) & ~table["run_b"].isin(modules)]
         if probes is not None:
             probes = probes[~probes["run"].isin(modules)]
-    return table, probes
+    return table, probes, modules
 
 
 def _of_methods(
@@ -553,12 +568,15 @@ def _of_methods(
 
 
 def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per claim and self-supervised method: the effect, its interval, the seed noise
-    floor and the verdict."""
-    table, probes = _without_module_runs(table, probes)
+    """One row per claim and block (a self-supervised method against the supervised runs):
+    the effect, its interval, the seed noise floor and the verdict. Claims of the supervised
+    runs alone (C7b) repeat in every block."""
+    table, probes, modules = _without_module_runs(table, probes)
+    left_out = f" ({', '.join(sorted(modules))}: imported as modules, no part)" if modules else ""
+    if probes is not None and not len(probes):
+        probes = None
+    # the methods of the compared runs (a probes table's other runs make no block)
     methods = set(table["method_a"]) | set(table["method_b"])
-    if probes is not None:
-        methods |= set(probes["method"])
     rows = []
     for sides in method_sides(methods):
         part, part_probes = _of_methods(table, probes, sides)
@@ -566,8 +584,8 @@ def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.
             effect = claim.measure(part, part_probes, sides)
             hw = effect.half_width
             detail = effect.detail
-            if not np.isfinite(effect.value) and sides.missing():
-                detail = sides.missing()
+            if not np.isfinite(effect.value) and sides.missing(claim.needs):
+                detail = sides.missing(claim.needs) + left_out
             rows.append(
                 {
                     "methods": sides.label,
@@ -589,8 +607,14 @@ def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.
 
 def shared_init_effect(table: pd.DataFrame) -> pd.DataFrame:
     """Per stage: mean diagonal CKA of cross-method pairs that share initial weights, of those
-    that do not, and of same-method seed pairs — how much of the similarity the start explains."""
+    that do not, and of same-method seed pairs — how much of the similarity the start explains.
+    Cross-method as in the claims: a self-supervised run against a supervised one (any two
+    methods where no run is labelled supervised); module runs take no part."""
+    table, _, _ = _without_module_runs(table, None)
     cross = _diagonal(pair_kinds(table))
+    if (cross["method_a"] == SUPERVISED).any() or (cross["method_b"] == SUPERVISED).any():
+        one_supervised = (cross["method_a"] == SUPERVISED) != (cross["method_b"] == SUPERVISED)
+        cross = cross[one_supervised | ~cross["cross_method"]]
     groups = {
         "shared_init": cross[cross["cross_method"] & cross["shared_init"]],
         "different_init": cross[cross["cross_method"] & ~cross["shared_init"]],

@@ -6,7 +6,9 @@ Formats (config `imports[].format`), each a ResNet whose encoder keys are torchv
   `nn.Sequential`: `backbone.0` conv1, `.1` bn1, `.4`-`.7` layer1-4; its benchmarks' CIFAR
   ResNetGenerator's children: `.2`-`.5` layer1-4, no ReLU after the stem, `shortcut` for
   `downsample`; or the ResNet itself, a ResNetGenerator's `linear` its classifier) and
-  `projection_head.layers.*`; `online_classifier.classification_head.*` is its classifier.
+  `projection_head.layers.*`; `online_classifier.classification_head.*` is its classifier;
+  BYOL's, MoCo's and SimSiam's momentum copies and prediction head are left out; a
+  SplitBatchNorm's per-split statistics (MoCo's `num_splits`) become their mean, as in eval.
 - `solo-learn`: its Lightning checkpoint's `state_dict`, `backbone.*` (`encoder.*` before 2022),
   `projector.*` and the online linear `classifier.*`.
 - `ckaflow`: a `model.pt` of another study (`encoder.*`, `head.*`).
@@ -50,6 +52,9 @@ PARTS = {
     "timm": (("fc.", "classifier"), ("", "encoder")),
     "lightly": (
         ("backbone.linear.", "classifier"),  # a ResNetGenerator kept whole: its classifier
+        ("backbone_momentum.", "ignored"),  # BYOL's and MoCo's momentum copies
+        ("projection_head_momentum.", "ignored"),
+        ("prediction_head.", "ignored"),  # BYOL's and SimSiam's predictor (after the projector)
         ("backbone.", "encoder"),
         ("projection_head.layers.", "projector"),
         ("online_classifier.classification_head.", "classifier"),
@@ -107,10 +112,40 @@ def split_parts(weights: dict[str, torch.Tensor], fmt: str, path: Path) -> dict[
             part = "projector" if any(k.startswith("head.1.") for k in weights) else "classifier"
         if fmt == "lightly" and part == "encoder":
             name = _lightly_encoder_key(name, children)
+        if name in parts[part] and part != "ignored":
+            raise CheckpointError(
+                f"{path}: two {part}s: {key!r} and another key both give {part} {name!r}; "
+                "keep one of them in the file"
+            )
         parts[part][name] = value
     if not parts["encoder"]:
         raise CheckpointError(f"{path}: no encoder keys for format {fmt!r}; is the format right?")
+    if fmt == "lightly":
+        parts["encoder"] = merge_split_batchnorm(parts["encoder"])
     return parts
+
+
+def merge_split_batchnorm(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lightly's SplitBatchNorm (MoCo's simulated multi-GPU BatchNorm, `num_splits` k) keeps
+    k running statistics per channel; in eval mode it uses their mean, so that is what a
+    BatchNorm gets here."""
+    out = dict(weights)
+    for key, value in weights.items():
+        module, _, stat = key.rpartition(".")
+        channels = weights.get(f"{module}.weight")
+        if stat not in ("running_mean", "running_var") or channels is None:
+            continue
+        splits, rest = divmod(value.numel(), channels.numel())
+        if splits > 1 and not rest:
+            out[key] = value.view(splits, channels.numel()).mean(dim=0)
+    return out
+
+
+def _ckaflow_meta(path: Path) -> dict:
+    """The metadata of a ckaflow model.pt (what its weights alone do not say)."""
+    state = checkpoint.read_state(path)
+    meta = state.get("meta") if isinstance(state, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def lightly_generator_sequential(weights: dict[str, torch.Tensor]) -> bool:
@@ -180,11 +215,16 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
     encoder = parts["encoder"]
     conv1 = encoder.get("conv1.weight")
     if "conv1.0.weight" in encoder:
+        how = (
+            'import it with format: module, module: {builder: "timm:create_model", kwargs: '
+            '{model_name: ..., num_classes: ...}, layers: {names: ["layer?.?", "layer?.??", '
+            '"global_pool"]}}'
+            if source.format == "timm"
+            else "import the network with format: module and its builder"
+        )
         raise CheckpointError(
-            f"{path}: a deep stem (conv1.0, conv1.3, conv1.6: timm's resnet*c/d/s variants), "
-            "which the ResNet formats do not have; import it with format: module, "
-            'module: {builder: "timm:create_model", kwargs: {model_name: ..., num_classes: ...}, '
-            'layers: {names: ["layer?.?", "global_pool"]}}'
+            f"{path}: a deep stem (conv1.0, conv1.3, conv1.6, as in timm's resnet*c/d/s), "
+            f"which torchvision's ResNet does not have; {how}"
         )
     if conv1 is None or conv1.ndim != 4:
         raise CheckpointError(f"{path}: no conv1.weight among the encoder keys")
@@ -207,6 +247,8 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
         extra["head_outputs"] = int(wanted["weight"].shape[0])
     if source.format == "lightly" and lightly_generator_sequential(weights):
         extra["stem_relu"] = False
+    if source.format == "ckaflow" and _ckaflow_meta(path).get("stem_relu") is False:
+        extra["stem_relu"] = False  # an import of an import: the file's own architecture
     channels, size, _ = data_attrs["image_shape"]
     try:
         net = Network(
