@@ -230,24 +230,33 @@ def _assert_untrained_baseline_is_the_same_network(model_pt, prepared, tmp_path,
     assert type(built[0].encoder.relu) is type(trained.encoder.relu)
 
 
-def _lightly_benchmark_simclr():
-    """lightly's CIFAR-10 benchmark SimCLR (benchmarks/imagenette, cifar10_benchmark.py): its
-    own ResNetGenerator's children without `linear` and an adaptive pool as the backbone. Its
-    forward applies the stem's ReLU functionally, so this backbone has none after bn1."""
-    from lightly.models import ResNetGenerator
-    from lightly.models.modules import SimCLRProjectionHead
+class LightlyBenchmarkModel(nn.Module):
+    """The shape of lightly's CIFAR-10 benchmark models (benchmarks/cifar10_benchmark.py): its
+    own ResNetGenerator's children without `linear` and an adaptive pool as the backbone (the
+    generator's forward applies the stem's ReLU functionally, so this backbone has none after
+    bn1), a projection head, and for BYOL/MoCo a predictor and momentum copies."""
 
-    class SimCLR(nn.Module):
-        def __init__(self):
-            super().__init__()
-            resnet = ResNetGenerator("resnet-18")
-            self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
-            self.projection_head = SimCLRProjectionHead(512, 512, 128)
+    def __init__(self, projection_head, prediction_head=None, momentum=False, num_splits=0):
+        import copy
 
-        def forward(self, x):
-            return self.projection_head(self.backbone(x).flatten(start_dim=1))
+        from lightly.models import ResNetGenerator
 
-    return SimCLR()
+        super().__init__()
+        resnet = ResNetGenerator("resnet-18", 1, num_splits=num_splits)
+        self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
+        self.projection_head = projection_head
+        if prediction_head is not None:
+            self.prediction_head = prediction_head
+        if momentum:
+            self.backbone_momentum = copy.deepcopy(self.backbone)
+            self.projection_head_momentum = copy.deepcopy(self.projection_head)
+
+    def forward(self, x):
+        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+
+
+# registry name -> module in a LightlyBenchmarkModel: the stem is bn1's output (no ReLU)
+GENERATOR_POINTS = _resnet_points("backbone.", {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}, "6")
 
 
 def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
@@ -257,7 +266,9 @@ def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
     from lightly.models import ResNetGenerator
 
     torch.manual_seed(4)
-    model, loss = _lightly_benchmark_simclr(), NTXentLoss()
+    from lightly.models.modules import SimCLRProjectionHead
+
+    model, loss = LightlyBenchmarkModel(SimCLRProjectionHead(512, 512, 128)), NTXentLoss()
 
     def contrastive(m, x, _):
         return loss(m(x), m(torch.roll(x.flip(-1), 2, dims=-1)))
@@ -269,8 +280,7 @@ def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
     out = import_run(run, prepared, tmp_path / "m.pt")
     assert torch.load(out, weights_only=True)["meta"]["stem_relu"] is False
     _assert_tampered_refused(path, run, prepared, tmp_path, "backbone.3.0.bn1.running_mean")
-    stages = {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}  # the stem: bn1's output, no ReLU
-    points = _resnet_points("backbone.", stages, "6")
+    points = dict(GENERATOR_POINTS)
     points["head.0"] = ("projection_head.layers.2", "output")
     points["head.1"] = ("projection_head.layers.4", "output")
     native = _native(model, points, images)
@@ -309,27 +319,13 @@ def test_lightly_cifar_benchmark_backbone_imports_without_the_stem_relu(
 def test_lightly_byol_imports_without_its_momentum_copies_and_predictor(prepared, images, tmp_path):
     """lightly's BYOL (examples and benchmarks): backbone, projection and prediction heads, and
     momentum copies of backbone and projector; the online backbone and projector are compared."""
-    import copy
 
     from lightly.loss import NegativeCosineSimilarity
-    from lightly.models import ResNetGenerator
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 
-    class BYOL(nn.Module):
-        def __init__(self):
-            super().__init__()
-            resnet = ResNetGenerator("resnet-18")
-            self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
-            self.projection_head = BYOLProjectionHead(512, 1024, 256)
-            self.prediction_head = BYOLPredictionHead(256, 1024, 256)
-            self.backbone_momentum = copy.deepcopy(self.backbone)
-            self.projection_head_momentum = copy.deepcopy(self.projection_head)
-
-        def forward(self, x):
-            return self.projection_head(self.backbone(x).flatten(start_dim=1))
-
     torch.manual_seed(7)
-    model, loss = BYOL(), NegativeCosineSimilarity()
+    heads = BYOLProjectionHead(512, 1024, 256), BYOLPredictionHead(256, 1024, 256)
+    model, loss = LightlyBenchmarkModel(*heads, momentum=True), NegativeCosineSimilarity()
 
     def byol(m, x, _):
         p = m.prediction_head(m(x))
@@ -344,7 +340,7 @@ def test_lightly_byol_imports_without_its_momentum_copies_and_predictor(prepared
     out = import_run(run, prepared, tmp_path / "m.pt")
     meta = torch.load(out, weights_only=True)["meta"]
     assert meta["imported"]["dropped"] == ["ignored"]  # momentum copies and predictor
-    points = _resnet_points("backbone.", {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}, "6")
+    points = dict(GENERATOR_POINTS)
     points["head.0"] = ("projection_head.layers.2", "output")
     points["head.1"] = ("projection_head.layers.3", "output")
     _assert_same_network(out, _native(model, points, images), images)
@@ -354,26 +350,13 @@ def test_lightly_moco_split_batchnorm_imports_with_its_eval_statistics(prepared,
     """lightly's MoCo CIFAR benchmark: a ResNetGenerator with SplitBatchNorm (num_splits=8), its
     file saved in training mode with 8 different running statistics per channel; eval mode uses
     their mean, and so does the import."""
-    import copy
 
     from lightly.loss import NTXentLoss
-    from lightly.models import ResNetGenerator
     from lightly.models.modules import MoCoProjectionHead
 
-    class MoCo(nn.Module):
-        def __init__(self):
-            super().__init__()
-            resnet = ResNetGenerator("resnet-18", 1, num_splits=8)
-            self.backbone = nn.Sequential(*list(resnet.children())[:-1], nn.AdaptiveAvgPool2d(1))
-            self.projection_head = MoCoProjectionHead(512, 512, 128)
-            self.backbone_momentum = copy.deepcopy(self.backbone)
-            self.projection_head_momentum = copy.deepcopy(self.projection_head)
-
-        def forward(self, x):
-            return self.projection_head(self.backbone(x).flatten(start_dim=1))
-
     torch.manual_seed(8)
-    model, loss = MoCo(), NTXentLoss()
+    head = MoCoProjectionHead(512, 512, 128)
+    model, loss = LightlyBenchmarkModel(head, momentum=True, num_splits=8), NTXentLoss()
     _train_steps(model, lambda m, x, _: loss(m(x), m(torch.roll(x, 2, dims=-1))), prepared)
     model.train()  # one more training batch: the 8 splits' statistics drift apart again
     with torch.no_grad():
@@ -389,7 +372,7 @@ def test_lightly_moco_split_batchnorm_imports_with_its_eval_statistics(prepared,
         prepared,
         tmp_path / "m.pt",
     )
-    points = _resnet_points("backbone.", {0: "1", 1: "2", 2: "3", 3: "4", 4: "5"}, "6")
+    points = dict(GENERATOR_POINTS)
     points["head.0"] = ("projection_head.layers.1", "output")  # Linear, ReLU, Linear
     points["head.1"] = ("projection_head.layers.2", "output")
     _assert_same_network(out, _native(model, points, images), images)
