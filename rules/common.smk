@@ -29,6 +29,8 @@ os.environ.update(
     CKAFLOW_SLURM=json.dumps(config["slurm"]),
     CKAFLOW_CHECKPOINT=json.dumps(config["checkpoint"]),
 )
+# ... but other files under data.root than the prepared store was made from stop the run
+STUDY.check_data_source()
 
 
 # Captions of the report (`snakemake --report`): one per family of figures.

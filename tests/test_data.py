@@ -166,3 +166,34 @@ def test_a_cifar_batch_that_would_run_code_is_refused(cifar_root):
     with pytest.raises(DatasetError, match="refused to build io.open"):
         data.load_cifar10(root)
     assert not marker.exists()
+
+
+def test_other_files_under_data_root_are_refused_but_a_copy_or_a_move_is_not(cifar_root, tmp_path):
+    """The store records the SHA-256 of the files it was made from; data.root pointing at other
+    files stops the study (nothing would rerun: data.root is where the files are), an identical
+    copy elsewhere or files moved away pass."""
+    import shutil
+
+    import zarr
+
+    root, samples = cifar_root
+    spec = config.DataSpec("cifar10", str(root), train_size=12, eval_size=8, seed=0)
+    store = data.prepare(spec, config.augment_spec(tiny_config()), tmp_path / "c.zarr", 4)
+    recorded = data.open_prepared(store).attrs["source_sha256"]
+    assert sorted(recorded) == ["data_batch_1", "data_batch_2", "test_batch"]
+    data.check_source("cifar10", root, store)  # the same files
+    copy = tmp_path / "copy"
+    shutil.copytree(root / "cifar-10-batches-py", copy)  # no cifar-10-batches-py level: fine
+    data.check_source("cifar10", copy, store)
+    data.check_source("cifar10", tmp_path / "moved-away", store)
+
+    relabelled = [(img, (lab + 1) % 10) for img, lab in samples[12:]]
+    _write_cifar_batch(copy / "test_batch", relabelled)
+    with pytest.raises(DatasetError) as err:
+        data.check_source("cifar10", copy, store)
+    message = str(err.value)
+    assert f"holds other cifar10 files than {store}" in message
+    assert "(test_batch differs by SHA-256)" in message and f"remove {store}" in message
+
+    zarr.open_group(store, mode="r+").attrs.pop("source_sha256")  # a store made before
+    data.check_source("cifar10", copy, store)

@@ -174,6 +174,37 @@ def dry_run(workdir: Path, cfg: dict, name: str = "changed") -> dict[str, int]:
 
 
 @pytest.mark.e2e
+def test_other_data_files_stop_the_study_and_a_copy_reruns_nothing(finished, tmp_path):
+    """data.root pointed at an identical copy of the files: nothing to do; at files that differ
+    (one test label changed): Snakemake stops before planning, naming the file and the store,
+    rather than keep the old files' results."""
+    import gzip
+    import shutil
+
+    from ckaflow import config
+
+    study = shutil.copytree(finished, tmp_path / "study", symlinks=True)
+    cfg = config.load(TINY)
+    copy = shutil.copytree(cfg["data"]["root"], tmp_path / "fashion")
+    cfg["data"]["root"] = str(copy)
+    assert dry_run(study, cfg) == {}
+
+    labels = copy / "t10k-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(labels.read_bytes()))
+    raw[8] = (raw[8] + 1) % 10  # the first test image's label
+    labels.write_bytes(gzip.compress(bytes(raw)))
+    changed = study / "changed.yaml"
+    changed.write_text(__import__("yaml").safe_dump(cfg))
+    result = subprocess.run(
+        snakemake_cmd(study, changed, "--dry-run"), capture_output=True, text=True, env=ENV
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "(t10k-labels-idx1-ubyte.gz differs by SHA-256)" in said, said[-3000:]
+    assert "remove results/data/fashion-mnist.zarr" in said
+
+
+@pytest.mark.e2e
 def test_every_config_key_reruns_what_the_readme_table_says(finished):
     """Each leaf of the schema, changed alone after a complete run: `snakemake -n` plans
     exactly the jobs of its row in tests/rerun_table.py, the table README.md shows."""

@@ -215,6 +215,54 @@ def _checked(images: ImageSet, root: Path) -> ImageSet:
 LOADERS = {"fashion-mnist": load_fashion_mnist, "cifar10": load_cifar10}
 
 
+def source_files(name: str, root: str | Path) -> list[Path] | None:
+    """The files the data set's loader reads under `root`; None when one is missing."""
+    root = Path(root)
+    if name == "fashion-mnist":
+        files = [root / f for f in FASHION_MNIST_FILES.values()]
+        return files if all(f.is_file() for f in files) else None
+    try:
+        folder = _cifar_folder(root)
+    except DatasetError:
+        return None
+    return [*sorted(folder.glob("data_batch_*")), folder / "test_batch"]
+
+
+def source_sha256(name: str, root: str | Path) -> dict[str, str] | None:
+    """SHA-256 of each file the loader reads, by file name, whatever folder holds them (None
+    when one is missing)."""
+    files = source_files(name, root)
+    if files is None:
+        return None
+    digests = {}
+    for path in files:
+        with open(path, "rb") as fh:
+            digests[path.name] = hashlib.file_digest(fh, "sha256").hexdigest()
+    return digests
+
+
+def check_source(name: str, root: str | Path, store: str | Path) -> None:
+    """Stop when `root` holds other files than the prepared `store` was made from: nothing
+    would rerun (data.root is where the files are, not what they are), so the study would
+    keep the old files' results under the new setting. Files that are missing (moved away
+    after preparing) or a store made before ckaflow recorded its sources pass."""
+    store = Path(store)
+    if not (store / "zarr.json").is_file():
+        return
+    recorded = zarr.open_group(store, mode="r").attrs.get("source_sha256")
+    now = source_sha256(name, root) if recorded else None
+    if now is None or now == recorded:
+        return
+    changed = sorted(f for f in set(now) | set(recorded) if now.get(f) != recorded.get(f))
+    raise DatasetError(
+        f"data.root ({root}) holds other {name} files than {store} was prepared from "
+        f"({', '.join(changed)} {'differs' if len(changed) == 1 else 'differ'} by SHA-256). "
+        "The results of the old files stand as "
+        f"they are. To redo the study with these files, remove {store} (everything after it "
+        "reruns); to keep the old results, point data.root back at the old files."
+    )
+
+
 def load_image_set(spec: DataSpec) -> ImageSet:
     return LOADERS[spec.name](spec.root)
 
@@ -286,6 +334,7 @@ def prepare(spec: DataSpec, aug: AugmentSpec, out: str | Path, chunk_rows: int =
                 spec=to_jsonable(spec),
                 augment=to_jsonable(aug),
                 content_sha256=content.hexdigest(),
+                source_sha256=source_sha256(spec.name, spec.root),
                 spec_hash=stable_hash([identity, to_jsonable(aug), content.hexdigest()]),
                 complete=True,
             )

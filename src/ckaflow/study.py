@@ -129,6 +129,13 @@ class Study:
                     "layers are chosen among the compared ones"
                 ) from None
 
+    def check_data_source(self) -> None:
+        """Stop before planning when data.root now holds other files than the prepared data
+        store was made from (see data.check_source)."""
+        from ckaflow.data import check_source
+
+        check_source(self.data.name, self.data.root, self.data_store())
+
     # -- layers ----------------------------------------------------------------------------
     def layers(self, side: Side) -> list[Layer]:
         if side.is_labels:
