@@ -221,3 +221,18 @@ def test_a_store_with_a_missing_chunk_or_a_wrong_shape_is_refused(activations, t
     zarr.open_group(foreign).attrs["n_examples"] = 999
     with pytest.raises(StoreError, match="rows where the store has 999 examples"):
         open_store(foreign)
+
+
+def test_snakemake_s_timestamp_in_a_store_is_no_warning(activations, tmp_path):
+    """Snakemake writes `.snakemake_timestamp` into every directory() output; opening the store
+    says nothing about it (Zarr warns of any file that is no node of its hierarchy)."""
+    import shutil
+    import warnings
+
+    marked = tmp_path / "marked.zarr"
+    shutil.copytree(activations[("simclr", "clean")], marked)
+    (marked / ".snakemake_timestamp").touch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        open_store(marked)
+    assert not [w for w in caught if "snakemake_timestamp" in str(w.message)], caught

@@ -10,6 +10,7 @@ on disk) and decoded to float32 on read.
 from __future__ import annotations
 
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,10 @@ def check_chunks(path: Path, group: zarr.Group) -> None:
     writes every chunk (empty ones too), so a missing file is damage, which Zarr would
     otherwise read silently as zeros."""
     n = group.attrs.get("n_examples")
-    arrays = dict(group.arrays())
+    with warnings.catch_warnings():
+        # Snakemake marks a directory() output with this file, which is no Zarr node
+        warnings.filterwarnings("ignore", message=r"Object at \.snakemake_timestamp ")
+        arrays = dict(group.arrays())
     for layer in group.attrs.get("layers", []):
         name = layer["name"]
         if name not in arrays:
