@@ -195,5 +195,15 @@ def test_other_files_under_data_root_are_refused_but_a_copy_or_a_move_is_not(cif
     assert f"holds other cifar10 files than {store}" in message
     assert "(test_batch differs by SHA-256)" in message and f"remove {store}" in message
 
+    # a file cut short is other content too
+    cut = tmp_path / "cut"
+    shutil.copytree(root / "cifar-10-batches-py", cut)
+    batch = cut / "data_batch_2"
+    batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(DatasetError, match=r"\(data_batch_2 differs by SHA-256\)"):
+        data.check_source("cifar10", cut, store)
+
     zarr.open_group(store, mode="r+").attrs.pop("source_sha256")  # a store made before
+    data.check_source("cifar10", copy, store)
+    (store / "zarr.json").write_text("{not json")  # damaged: the stages reading it say so
     data.check_source("cifar10", copy, store)

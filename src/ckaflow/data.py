@@ -249,7 +249,10 @@ def check_source(name: str, root: str | Path, store: str | Path) -> None:
     store = Path(store)
     if not (store / "zarr.json").is_file():
         return
-    recorded = zarr.open_group(store, mode="r").attrs.get("source_sha256")
+    try:
+        recorded = zarr.open_group(store, mode="r").attrs.get("source_sha256")
+    except (OSError, ValueError, KeyError):  # a damaged store: the stages reading it say so
+        return
     now = source_sha256(name, root) if recorded else None
     if now is None or now == recorded:
         return

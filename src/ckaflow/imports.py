@@ -72,10 +72,18 @@ PARTS = {
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint, unwrapped from its container, without wrapper prefixes."""
+    return read_checkpoint(path)[0]
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a checkpoint, unwrapped from its container, without wrapper prefixes;
+    and the metadata a ckaflow model.pt carries beside them ({} for other files)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     state = checkpoint.read_state(path)
+    meta = state.get("meta") if isinstance(state, dict) else None
+    meta = meta if isinstance(meta, dict) else {}
     for container in ("state_dict", "model"):  # Lightning / timm train.py, ckaflow
         if isinstance(state, dict) and isinstance(state.get(container), dict):
             state = state[container]
@@ -90,7 +98,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         for prefix in PREFIXES:
             key = key.removeprefix(prefix)
         out[key] = value
-    return out
+    return out, meta
 
 
 def split_parts(weights: dict[str, torch.Tensor], fmt: str, path: Path) -> dict[str, dict]:
@@ -99,7 +107,8 @@ def split_parts(weights: dict[str, torch.Tensor], fmt: str, path: Path) -> dict[
     if fmt not in PARTS:
         raise CheckpointError(f"{path}: unknown format {fmt!r}; expected one of {sorted(PARTS)}")
     parts: dict[str, dict] = {"encoder": {}, "projector": {}, "classifier": {}, "ignored": {}}
-    children = GENERATOR_CHILDREN if lightly_generator_sequential(weights) else TORCHVISION_CHILDREN
+    generator = fmt == "lightly" and lightly_generator_sequential(weights)
+    children = GENERATOR_CHILDREN if generator else TORCHVISION_CHILDREN
     for key, value in weights.items():
         prefix, part = next(((p, part) for p, part in PARTS[fmt] if key.startswith(p)), ("", ""))
         if not part:
@@ -141,11 +150,14 @@ def merge_split_batchnorm(weights: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def _ckaflow_meta(path: Path) -> dict:
-    """The metadata of a ckaflow model.pt (what its weights alone do not say)."""
-    state = checkpoint.read_state(path)
-    meta = state.get("meta") if isinstance(state, dict) else None
-    return meta if isinstance(meta, dict) else {}
+def stem_has_relu(fmt: str, weights: dict[str, torch.Tensor], meta: dict) -> bool:
+    """Whether the network's stem ends in a ReLU: not in lightly's CIFAR benchmark backbone,
+    nor in a ckaflow model.pt imported from one (its metadata says); in every other."""
+    if fmt == "lightly":
+        return not lightly_generator_sequential(weights)
+    if fmt == "ckaflow":
+        return meta.get("stem_relu", True)
+    return True
 
 
 def lightly_generator_sequential(weights: dict[str, torch.Tensor]) -> bool:
@@ -210,7 +222,7 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
     path = Path(source.checkpoint)
     if source.format == "module":
         return _import_module(run, data_attrs, path)
-    weights = read_weights(path)
+    weights, meta = read_checkpoint(path)
     parts = split_parts(weights, source.format, path)
     encoder = parts["encoder"]
     conv1 = encoder.get("conv1.weight")
@@ -245,10 +257,7 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
         extra["projector"] = projector_layout_of(wanted, path)
     if head == "classifier":
         extra["head_outputs"] = int(wanted["weight"].shape[0])
-    if source.format == "lightly" and lightly_generator_sequential(weights):
-        extra["stem_relu"] = False
-    if source.format == "ckaflow" and _ckaflow_meta(path).get("stem_relu") is False:
-        extra["stem_relu"] = False  # an import of an import: the file's own architecture
+    extra["stem_relu"] = stem_has_relu(source.format, weights, meta)
     channels, size, _ = data_attrs["image_shape"]
     try:
         net = Network(
@@ -258,7 +267,7 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
             size,
             extra.get("head_outputs"),
             extra.get("projector"),
-            extra.get("stem_relu", True),
+            extra["stem_relu"],
         )
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
