@@ -51,10 +51,12 @@ rule summary:
         ),
         claims=STUDY.table("claims"),
         claims_csv=STUDY.table("claims", "csv"),
+    params:
+        spec=spec(STUDY.claims_spec()),
     log:
         STUDY.log("summary", "summary"),
     conda:
         CONDA_ENV
     shell:
         "ckaflow summarize --table {input.cka} --probes {input.probes} --claims {output.claims}"
-        " --out {output.summary} > {log} 2>&1"
+        " --spec {params.spec} --out {output.summary} > {log} 2>&1"

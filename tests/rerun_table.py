@@ -155,6 +155,7 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
     (("cka.tile_layers",), {"cka_tile": TILES, **REPORT}, "the tiles (cut anew) onward"),
     (("cka.comparisons",), {**REPORT}, "removing a comparison kind: tables, figures, summary"),
     (("plots.*",), {"figures": 1}, "the figures only"),
+    (("claims.*",), {"summary": 1}, "the summary and the claims table only"),
 ]
 
 

@@ -46,6 +46,7 @@ def _side(study: Study, side: Side, layer, suffix: str) -> dict:
         f"arch_{suffix}": run.model.arch if run else None,
         f"seed_{suffix}": run.seed if run else None,
         f"init_{suffix}": run.init_id if run else None,
+        f"replicate_{suffix}": run.replicate_of if run else None,
         f"view_{suffix}": side.view,
         f"layer_{suffix}": layer.name,
         f"layer_index_{suffix}": layer.index,
@@ -105,7 +106,8 @@ def synthetic_table(intervals: bool = True, seeds=(0, 1)) -> pd.DataFrame:
                         "code_version": "test",
                     }
                 )
-    table = pd.DataFrame.from_records(records).loc[:, list(COLUMNS)]
+    # columns the figures do not read (e.g. jackknife values) left empty
+    table = pd.DataFrame.from_records(records).reindex(columns=list(COLUMNS))
     table = table.astype({c: "Int64" for c in NULLABLE_INT})
     table["config_hash"] = "h"
     table["merged_by"] = "test"
@@ -474,13 +476,17 @@ def test_probe_curves_label_each_point_with_its_layer():
 # -- all figures ------------------------------------------------------------------------------
 
 
-def test_plot_all_writes_exactly_the_figures_the_study_lists(tmp_path):
+def test_plot_all_writes_exactly_the_figures_the_study_lists(tmp_path, capsys):
+    """Every figure, also with a constant layer (its CKA NaN), which plot_all warns of."""
     from ckaflow.plots import plot_all
 
     study = make_study((0, 1))
     assert len(study.runs) == 4
     table_path, probes_path = tmp_path / "cka.parquet", tmp_path / "probes.parquet"
-    synthetic_table().to_parquet(table_path, index=False)
+    table = synthetic_table()
+    constant = (table["run_a"] == "simclr-resnet18-w4-s0") & (table["layer_a"] == "layer2.1.out")
+    table.loc[constant, ["value", "ci_low", "ci_high"]] = np.nan
+    table.to_parquet(table_path, index=False)
     synthetic_probes().to_parquet(probes_path, index=False)
     out = tmp_path / "figures"
     written = plot_all(table_path, out, probes=probes_path, style={"dpi": 50})
@@ -488,6 +494,7 @@ def test_plot_all_writes_exactly_the_figures_the_study_lists(tmp_path):
     assert {p.name for p in written} == expected
     assert {p.name for p in out.iterdir()} == expected
     assert len(written) == len(expected)
+    assert f"warning: {int(constant.sum())} CKA values are NaN" in capsys.readouterr().out
 
 
 def _with_module_run(frame: pd.DataFrame, run_col: str, layer_col: str, kind_col: str):

@@ -1,46 +1,58 @@
-"""The paper's claims, each measured as an effect against its uncertainty and the seed noise floor.
+"""The paper's claims, each a statistical test with a stated error rate.
 
-Every claim reduces the tidy CKA table (and the probes table) to one number, the *effect*, oriented
-so that a positive value is what the paper reports. Next to it:
+Every claim reduces the tidy CKA table (and the probes table) to one number, the *effect*,
+oriented so that a positive value is what the paper reports. An effect is the mean of a
+quantity over *units*, or the difference of two such means: a unit is a run (for example its
+augmentation invariance at `pool`) or a pair of runs (for example the CKA of the early layers
+between a SimCLR run and a supervised run). The unit kinds are `UNIT_KINDS`.
 
-- *uncertainty*: the half-width of a 95% interval of the effect. CKA values carry bootstrap
-  intervals (`cka.bootstrap`); an effect built from several values gets the sum of their
-  half-widths, weighted as in the effect — exact if the values' errors were perfectly correlated,
-  wider otherwise, so never too narrow. Probe accuracies get binomial intervals
-  (1.96 · sqrt(p(1 − p)/n)).
-- *noise floor*: how much the same statistic changes from seed to seed — the largest range
-  (max − min) of the statistic over the replicates it averages (runs of one method, or run pairs
-  of one kind). It needs two or more seeds per method; with one it is unknown.
+Inference: the run is the unit of inference, and the eval images are a second source of noise.
+- Runs: a delete-one-run jackknife, stratified by method. With T₍₋ᵣ₎ the effect recomputed
+  without run r (and so without every pair it takes part in: pairs that share a run are not
+  counted as independent), V_runs = Σ_m (n_m − 1)/n_m · Σ_{r ∈ m} (T₍₋ᵣ₎ − mean_m)².
+- Images: every CKA value carries its delete-one-block jackknife replicates (block g of the eval
+  images left out of every layer, run and view alike; `ckaflow.cka.tiles`). The effect is
+  recomputed on each replicate, so correlations between the values it is built from are kept:
+  V_images = (G − 1)/G · Σ_g (T_g − mean)². Probe accuracies carry binomial standard errors,
+  added as if perfectly correlated (never too small).
+- Interval: T ± t(0.975; d) · √(V_runs + V_images), d = (fewest runs of a method taking
+  part) − 1. A run's own image noise is in both terms, which errs on the wide side.
 
-Verdicts, with u = the larger of uncertainty and noise floor:
-- directional claims: *agrees* if effect > u, *disagrees* if effect < −u, *within noise* otherwise;
-- claims of sameness (C1, C2: the methods are as alike as two seeds of one method):
-  *agrees* if effect ≥ −u, *disagrees* otherwise; they need the seed pairs, so one seed per method
-  gives *not measured*;
-- *not measured* whenever the effect is not finite (layers not stored, NaN CKA, a comparison
-  missing) or neither an uncertainty nor a noise floor is known.
+Verdicts (`verdict`):
+- directional claims: *agrees* when the 95% interval lies above zero, *disagrees* below,
+  *within noise* otherwise;
+- sameness claims (C1, C2): an equivalence test against `claims.margin`, fixed before the
+  study: *agrees* when the interval lies inside (−margin, margin), *disagrees* when it lies
+  wholly outside, *within noise* otherwise;
+- too few runs for the jackknife (a method with one run): *within noise*, saying so;
+- *not measured*: the effect cannot be formed (a side, a comparison or a layer is missing).
+`tests/test_claims_calibration.py` simulates thousands of studies and checks that a true null
+gives *agrees* at most 5% of the time for every claim with 2, 3 and 5 seeds per method.
 
-Like is compared with like: cross-method run pairs that started from different initial weights
-stand against same-method seed pairs (which always differ in initial weights); cross-method pairs
-that share their initial weights are reported apart (`shared_init`), since part of their
-similarity is inherited from the starting point. Where a study has no cross-method pair with
-different initial weights, the claims fall back to the shared ones and say so.
+Which runs: runs labelled `supervised` are the supervised side; every other label a
+self-supervised side, each with its own block of claims against the supervised runs, measured
+on those two methods' runs only. Within a side, the claims use one set of seed replicates (runs
+that differ only in seed: `RunSpec.replicate_of`), the largest; other runs of the label, and
+runs without a seed, are named and left out. Cross-method pairs that share their initial
+weights are left out while pairs from different initial weights exist (part of their
+similarity is inherited); seed pairs are pairs of replicates of one method.
 
-The methods compared are the ones the study has: runs labelled `supervised` are the supervised
-side, every other label (simclr, or an imported run's byol, dino, ...) a self-supervised side.
-Each self-supervised method gets its own block of claims against the supervised runs, measured
-on the runs of those two methods only (so simclr-vs-byol pairs never count as cross-method).
+NaN values (a constant layer has no CKA) leave out only the values they touch: every mean over
+layers skips them.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from ckaflow.config import SUPERVISED, method_name
+from ckaflow.inference import DEFAULT_MARGIN, Effect, Units, infer, verdict
+from ckaflow.tables import SIDE_COLUMNS
 
 VERDICTS = ("agrees", "disagrees", "within noise", "not measured")
 CLAIM_COLUMNS = (
@@ -51,377 +63,421 @@ CLAIM_COLUMNS = (
     "value",
     "ci_low",
     "ci_high",
-    "noise_floor",
-    "replicates",
+    "se_runs",
+    "se_images",
+    "df",
+    "runs",
+    "units",
     "rule",
+    "margin",
     "verdict",
     "detail",
 )
 FINAL_LAYER = "pool"  # the encoder output: the last layer both methods have
-PROBE_Z = 1.96
-
-
-@dataclass
-class Effect:
-    """One claim's number: the effect, its interval half-width, the seed floor, the replicates."""
-
-    value: float = np.nan
-    half_width: float = np.nan
-    noise: float = np.nan
-    replicates: int = 0
-    detail: str = ""
-    parts: dict = field(default_factory=dict)
-
-
-def verdict(effect: Effect, rule: str = "directional") -> str:
-    if not np.isfinite(effect.value):
-        return "not measured"
-    bounds = [b for b in (effect.half_width, effect.noise) if np.isfinite(b)]
-    if not bounds:
-        return "not measured"
-    u = max(bounds)
-    if rule == "sameness":
-        return "agrees" if effect.value >= -u else "disagrees"
-    if effect.value > u:
-        return "agrees"
-    if effect.value < -u:
-        return "disagrees"
-    return "within noise"
+UNIT_KINDS = ("ssl runs", "sup runs", "cross pairs", "seed pairs")
+# what the claims read: a row's kind and value, and every column of its two sides (subsetting
+# the wide table, the jackknife lists included, is what makes reading slow)
+READ_COLUMNS = ("kind", "value", *(f"{c}_{s}" for s in "ab" for c in SIDE_COLUMNS))
+BLOCK_KINDS = ("relu1", "relu2", "residual", "out")  # the layers of a residual block
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the table
+# Which runs and pairs
 
 
-def _half_width(frame: pd.DataFrame) -> pd.Series:
-    return (frame["ci_high"] - frame["ci_low"]) / 2
+def unit_runs(kind: str, ssl: list[str], sup: list[str], init_of: dict) -> list[tuple[str, ...]]:
+    """The units of one kind (`UNIT_KINDS`), given each side's replicate runs. Cross-method
+    pairs from different initial weights; all of them when every pair shares its start."""
+    if kind == "ssl runs":
+        return [(r,) for r in ssl]
+    if kind == "sup runs":
+        return [(r,) for r in sup]
+    if kind == "seed pairs":
+        return [p for runs in (ssl, sup) for p in itertools.combinations(runs, 2)]
+    pairs = list(itertools.product(ssl, sup))
+    independent = [(a, b) for a, b in pairs if init_of[a] != init_of[b]]
+    return independent or pairs
 
 
-def _spread(values) -> float:
-    """Range of a statistic over replicates; unknown (NaN) with fewer than two."""
-    values = np.asarray([v for v in values if np.isfinite(v)], dtype=float)
-    return float(values.max() - values.min()) if len(values) >= 2 else np.nan
+def run_facts(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per run of the table: method, replicate set, initial weights, architecture."""
+    sides = []
+    for s in ("a", "b"):
+        cols = {f"{c}_{s}": c for c in ("run", "method", "replicate", "init", "arch")}
+        present = [c for c in cols if c in table]
+        sides.append(table[present].rename(columns=cols))
+    runs = pd.concat(sides).drop_duplicates("run")
+    return runs[runs["run"] != "labels"].set_index("run")
 
 
-def _mean(values) -> float:
-    values = np.asarray(list(values), dtype=float)
-    return float(values.mean()) if len(values) and np.isfinite(values).all() else np.nan
+def replicate_runs(facts: pd.DataFrame, method: str | None) -> tuple[list[str], list[str]]:
+    """(the label's largest set of seed replicates, its other runs)."""
+    if method is None:
+        return [], []
+    mine = facts[facts["method"] == method]
+    if not len(mine):
+        return [], []
+    keys = mine["replicate"].where(mine["replicate"].notna(), "run:" + mine.index.to_series())
+    sizes = keys.value_counts()
+    best = sorted(sizes.index, key=lambda k: (-sizes[k], str(k)))[0]
+    return sorted(mine.index[keys == best]), sorted(mine.index[keys != best])
 
 
-def pair_kinds(table: pd.DataFrame) -> pd.DataFrame:
-    """The cross comparisons on the clean view, each marked same-method or cross-method and
-    whether the two runs share their initial weights."""
-    cross = table[(table["kind"] == "cross") & (table["view_a"] == "clean")].copy()
-    cross["cross_method"] = cross["method_a"] != cross["method_b"]
-    cross["shared_init"] = (cross["init_a"] == cross["init_b"]) & (
-        cross["arch_a"] == cross["arch_b"]
+# ---------------------------------------------------------------------------------------------
+# Reading the table: each row's value and its jackknife replicates
+
+
+def replicate_matrix(table: pd.DataFrame) -> np.ndarray:
+    """(rows, 1 + G): each row's value, then its G jackknife replicates (G = 0 without)."""
+    value = table["value"].to_numpy(dtype=float)[:, None]
+    if "jackknife" not in table or not len(table):
+        return value
+    lengths = {len(j) for j in table["jackknife"]}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"CKA rows carry jackknife replicates of different lengths {sorted(lengths)}: "
+            "they come from different eval sets; rerun the study's tiles"
+        )
+    return np.hstack([value, np.vstack(table["jackknife"].to_numpy()).astype(float)])
+
+
+def _nanmean(block: np.ndarray) -> np.ndarray:
+    """Mean over axis 0 skipping NaN (a constant layer), NaN where nothing is left."""
+    finite = np.isfinite(block)
+    count = finite.sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, np.where(finite, block, 0).sum(0) / count, np.nan)
+
+
+@dataclass
+class Context:
+    """What the claims of one block read: its table rows (with `_row` into `matrix`), the
+    probes, the two sides' replicate runs and each run's initial weights."""
+
+    table: pd.DataFrame
+    matrix: np.ndarray
+    probes: pd.DataFrame | None
+    ssl: list[str]
+    sup: list[str]
+    init_of: dict
+    method_of: dict
+
+    def mean(self, rows: pd.DataFrame) -> np.ndarray:
+        """Mean of the rows' values and of each replicate (NaN-skipping)."""
+        if not len(rows):
+            return np.full(self.matrix.shape[1], np.nan)
+        return _nanmean(self.matrix[rows["_row"].to_numpy()])
+
+    def at(self, rows: pd.DataFrame, layer: str) -> np.ndarray:
+        return self.mean(rows[rows["layer_a"] == layer])
+
+    def __post_init__(self) -> None:
+        t = self.table
+        diagonal = t[t["layer_a"] == t["layer_b"]]
+        cross = diagonal[(diagonal["kind"] == "cross") & (diagonal["view_a"] == "clean")]
+        self._pairs = {
+            frozenset(key): rows for key, rows in cross.groupby(["run_a", "run_b"], sort=False)
+        }
+        invariance = diagonal[(diagonal["view_a"] == "aug1") & (diagonal["view_b"] == "aug2")]
+        clean = t[t["view_a"] == "clean"]
+        self._runs = {
+            (kind, run): rows
+            for source, kinds in ((invariance, ("invariance",)), (clean, ("within", "class")))
+            for (kind, run), rows in source[source["kind"].isin(kinds)].groupby(
+                ["kind", "run_a"], sort=False
+            )
+        }
+        self._empty = t.iloc[:0]
+        blocks = t[t["layer_kind_a"].isin(BLOCK_KINDS)]
+        self.last_block = blocks.groupby("stage_a")["block_a"].max().astype(int).to_dict()
+        self.stages = sorted(int(s) for s in self.last_block)
+        self._grids: dict[str, pd.DataFrame] = {}
+
+    def grid(self, run: str) -> pd.DataFrame:
+        """A run's within-model comparison as a layer × layer frame of row numbers."""
+        if run not in self._grids:
+            rows = self.of_run("within", run)
+            self._grids[run] = rows.pivot(index="layer_a", columns="layer_b", values="_row")
+        return self._grids[run]
+
+    def pair(self, a: str, b: str) -> pd.DataFrame:
+        """The diagonal (a layer with itself) of the clean-view comparison of runs a and b."""
+        return self._pairs.get(frozenset((a, b)), self._empty)
+
+    def of_run(self, kind: str, run: str) -> pd.DataFrame:
+        """A run's rows of one comparison kind (invariance: aug1 against aug2, a layer with
+        itself; within and class: the clean view)."""
+        return self._runs.get((kind, run), self._empty)
+
+
+@dataclass(frozen=True)
+class UnitValue:
+    value: float
+    image: np.ndarray  # (G,)
+    sd: float = np.nan  # standard error where there are no replicates (probes)
+
+
+def _vector(v: np.ndarray) -> UnitValue:
+    return UnitValue(float(v[0]), np.asarray(v[1:], dtype=float))
+
+
+# ---------------------------------------------------------------------------------------------
+# Each claim's quantity per unit
+
+
+def early(ctx: Context, a: str, b: str) -> UnitValue:
+    """C2: CKA of the stem and stage 1 (each layer with itself)."""
+    rows = ctx.pair(a, b)
+    return _vector(ctx.mean(rows[rows["stage_a"] <= 1]))
+
+
+def _middle(ctx: Context) -> list[int]:
+    stages = ctx.stages
+    return stages[1:-1] or stages
+
+
+def even_minus_odd(ctx: Context, a: str, b: str) -> UnitValue:
+    """C3: middle stages, post-residual (`.out`) minus residual-branch (`.residual`) layers."""
+    rows = ctx.pair(a, b)
+    rows = rows[rows["stage_a"].isin(_middle(ctx))]
+    even = ctx.mean(rows[rows["layer_kind_a"] == "out"])
+    odd = ctx.mean(rows[rows["layer_kind_a"] == "residual"])
+    return _vector(even - odd)
+
+
+def middle_minus_last(ctx: Context, a: str, b: str) -> UnitValue:
+    """C4: the middle stages' CKA minus the last stage's (every block layer)."""
+    stages = ctx.stages
+    if len(stages) < 2:
+        return _vector(np.full(ctx.matrix.shape[1], np.nan))
+    rows = ctx.pair(a, b)
+    middle = stages[1:-1] or stages[:1]
+    blocks = rows[rows["layer_kind_a"].isin(BLOCK_KINDS)]
+    return _vector(
+        ctx.mean(blocks[blocks["stage_a"].isin(middle)])
+        - ctx.mean(blocks[blocks["stage_a"] == stages[-1]])
     )
-    return cross
 
 
-def _diagonal(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame[frame["layer_a"] == frame["layer_b"]]
+def first_block_dip(ctx: Context, a: str, b: str) -> UnitValue:
+    """C8: at each stage from the second on, the mean of the first block's neighbours (the
+    previous stage's last block, the stage's second block) minus the first block, averaged over
+    the stages and the even and odd layers."""
+    rows = ctx.pair(a, b)
+    row_of = dict(zip(rows["layer_a"], rows["_row"], strict=True))
+    dips = []
+    for stage in ctx.stages[1:]:
+        last_prev = ctx.last_block.get(stage - 1)
+        for kind in ("out", "residual"):
+            names = (
+                f"layer{stage}.0.{kind}",
+                f"layer{stage - 1}.{last_prev}.{kind}",
+                f"layer{stage}.1.{kind}",
+            )
+            if all(n in row_of for n in names):
+                first, before, after = (ctx.matrix[int(row_of[n])] for n in names)
+                dips.append((before + after) / 2 - first)
+    if not dips:
+        return _vector(np.full(ctx.matrix.shape[1], np.nan))
+    return _vector(_nanmean(np.array(dips)))
 
 
-def _cross_method(table: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """Cross-method pairs from different initial weights (or, lacking them, shared ones)."""
-    cross = pair_kinds(table)
-    methods = cross[cross["cross_method"]]
-    independent = methods[~methods["shared_init"]]
-    if len(independent):
-        return independent, "cross-method pairs from different initial weights"
-    if len(methods):
-        return methods, "cross-method pairs (all share their initial weights)"
-    return methods, "no cross-method pair"
+def within_distance(ctx: Context, a: str, b: str) -> UnitValue:
+    """C1: mean |CKA difference| between the two runs' within-model matrices, over the layer
+    pairs both have (the heads differ), a layer with itself left out."""
+    grids = [ctx.grid(a), ctx.grid(b)]
+    common = grids[0].index.intersection(grids[1].index)
+    common = common.intersection(grids[0].columns).intersection(grids[1].columns)
+    if len(common) < 2:
+        return _vector(np.full(ctx.matrix.shape[1], np.nan))
+    ia, ib = (g.loc[common, common].to_numpy() for g in grids)
+    off = ~np.eye(len(common), dtype=bool)
+    if pd.isna(ia[off]).any() or pd.isna(ib[off]).any():
+        return _vector(np.full(ctx.matrix.shape[1], np.nan))
+    diff = np.abs(ctx.matrix[ia[off].astype(int)] - ctx.matrix[ib[off].astype(int)])
+    return _vector(_nanmean(diff))
 
 
-def _seed_pairs(table: pd.DataFrame) -> pd.DataFrame:
-    cross = pair_kinds(table)
-    return cross[~cross["cross_method"]]
+def invariance_rise(ctx: Context, run: str) -> UnitValue:
+    """C5a: CKA(aug1, aug2) at the encoder output minus at the stem."""
+    rows = ctx.of_run("invariance", run)
+    return _vector(ctx.at(rows, FINAL_LAYER) - ctx.at(rows, "stem"))
 
 
-def _per_pair(
-    frame: pd.DataFrame, statistic: Callable[[pd.DataFrame], tuple[float, float]]
-) -> list[tuple[float, float]]:
-    """(value, half-width) of a statistic for each comparison (run pair) of a frame."""
-    return [statistic(group) for _, group in frame.groupby("comparison")]
+def invariance_final(ctx: Context, run: str) -> UnitValue:
+    """C5b: CKA(aug1, aug2) at the encoder output."""
+    return _vector(ctx.at(ctx.of_run("invariance", run), FINAL_LAYER))
 
 
-def _mean_of(frame: pd.DataFrame, mask) -> tuple[float, float]:
-    part = frame[mask]
-    if not len(part):
-        return np.nan, np.nan
-    return _mean(part["value"]), float(_half_width(part).mean())
+def class_final(ctx: Context, run: str) -> UnitValue:
+    """C6: CKA with the one-hot labels at the encoder output."""
+    return _vector(ctx.at(ctx.of_run("class", run), FINAL_LAYER))
 
 
-def _over_replicates(pairs: list[tuple[float, float]]) -> Effect:
-    if not pairs:
-        return Effect()
-    values = [v for v, _ in pairs]
-    return Effect(
-        value=_mean(values),
-        half_width=_mean([h for _, h in pairs]),
-        noise=_spread(values),
-        replicates=len(pairs),
+def probe_rise(ctx: Context, run: str) -> UnitValue:
+    """C7: linear-probe accuracy (trained encoder) at the encoder output minus at the stem,
+    with the binomial standard errors of the two accuracies added."""
+    if ctx.probes is None:
+        return UnitValue(np.nan, np.empty(0))
+    p = ctx.probes
+    at = p[(p["run"] == run) & (p["encoder"] == "trained")].set_index("layer")
+    if not {"stem", FINAL_LAYER} <= set(at.index):
+        return UnitValue(np.nan, np.empty(0))
+    acc = at["eval_accuracy"].astype(float)
+    n = at["n_eval"].astype(float) if "n_eval" in at else pd.Series(np.nan, at.index)
+    sd = np.sqrt((acc * (1 - acc)).clip(lower=0) / n)
+    return UnitValue(
+        float(acc[FINAL_LAYER] - acc["stem"]), np.empty(0), float(sd[FINAL_LAYER] + sd["stem"])
     )
-
-
-def _stages(frame: pd.DataFrame) -> list[int]:
-    stages = frame[frame["layer_kind_a"].isin(["relu1", "relu2", "residual", "out"])]
-    return sorted(int(s) for s in stages["stage_a"].unique())
 
 
 # ---------------------------------------------------------------------------------------------
 # The claims
 
 
-def c1_block_structure(table: pd.DataFrame) -> Effect:
-    """Mean |within-model CKA matrix of a seed pair − of a cross-method pair|, as
-    (seed-pair distance) − (cross-method distance): ≥ −u when the methods' block structures
-    differ no more than two seeds'."""
-    within = table[(table["kind"] == "within") & (table["view_a"] == "clean")]
-    grids = {
-        run: group.pivot(index="layer_a", columns="layer_b", values="value")
-        for run, group in within.groupby("run_a")
-    }
-    widths = {
-        run: group.assign(hw=_half_width(group)).pivot(
-            index="layer_a", columns="layer_b", values="hw"
-        )
-        for run, group in within.groupby("run_a")
-    }
-    cross, _ = _cross_method(table)
-    seeds = _seed_pairs(table)
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    title: str  # `{ssl}`: the self-supervised method's name
+    statistic: str
+    quantity: Callable[..., UnitValue]  # per unit: (ctx, *runs of the unit)
+    hi: str  # unit kind whose mean is the effect (or its first term)
+    lo: str | None = None  # unit kind whose mean is subtracted
+    rule: str = "directional"
+    needs: str = "both"  # the sides it reads: both, ssl or sup
+    describe: str = ""  # what the quantity is, for the detail line
 
-    def distances(pairs: pd.DataFrame) -> list[tuple[float, float]]:
-        out = []
-        for (a, b), _ in pairs.groupby(["run_a", "run_b"]):
-            if a not in grids or b not in grids:
-                out.append((np.nan, np.nan))
-                continue
-            common = grids[a].index.intersection(grids[b].index)  # the heads differ
-            ga, gb = (grids[r].loc[common, common].to_numpy() for r in (a, b))
-            wa, wb = (widths[r].loc[common, common].to_numpy() for r in (a, b))
-            off = ~np.eye(len(common), dtype=bool)
-            diff, hw = np.abs(ga - gb)[off], (wa + wb)[off]
-            out.append((_mean(diff), float(np.mean(hw))))
-        return out
 
-    method_d, seed_d = distances(cross), distances(seeds)
-    if not method_d or not seed_d:
-        return Effect(detail="needs within-model matrices, a cross-method pair and seed pairs")
-    methods, same = _over_replicates(method_d), _over_replicates(seed_d)
-    return Effect(
-        value=same.value - methods.value,
-        half_width=same.half_width + methods.half_width,
-        noise=_max_finite(same.noise, methods.noise),
-        replicates=methods.replicates + same.replicates,
-        detail=f"mean |ΔCKA| between within-model matrices: cross-method {methods.value:.3f}, "
-        f"seed pairs {same.value:.3f}",
+CLAIMS = (
+    Claim(
+        "C1",
+        "Within-model CKA matrices have similar block structure in both methods",
+        "seed-pair minus cross-method mean |ΔCKA| of within-model matrices",
+        within_distance,
+        "seed pairs",
+        "cross pairs",
+        "sameness",
+        describe="mean |ΔCKA| between within-model matrices",
+    ),
+    Claim(
+        "C2",
+        "Early layers (stem, stage 1) match across methods as closely as two seeds",
+        "cross-method minus seed-pair CKA, early layers",
+        early,
+        "cross pairs",
+        "seed pairs",
+        "sameness",
+        describe="early-layer CKA",
+    ),
+    Claim(
+        "C3",
+        "In the middle stages post-residual (even) layers are more similar across methods "
+        "than residual-branch (odd) layers",
+        "cross-method CKA, even minus odd layers, middle stages",
+        even_minus_odd,
+        "cross pairs",
+        describe="even minus odd CKA",
+    ),
+    Claim(
+        "C4",
+        "The last stage diverges: cross-method CKA falls from the middle stages more than "
+        "seed pairs' does",
+        "middle-minus-last-stage CKA, cross-method minus seed pairs",
+        middle_minus_last,
+        "cross pairs",
+        "seed pairs",
+        describe="middle stages minus last stage CKA",
+    ),
+    Claim(
+        "C5a",
+        "{ssl}'s augmentation invariance rises with depth",
+        f"{{ssl}} CKA(aug1, aug2), {FINAL_LAYER} minus stem",
+        invariance_rise,
+        "ssl runs",
+        needs="ssl",
+        describe=f"CKA(aug1, aug2), {FINAL_LAYER} minus stem",
+    ),
+    Claim(
+        "C5b",
+        "Augmentation invariance is higher for {ssl} in the final layers",
+        f"CKA(aug1, aug2) at {FINAL_LAYER}, {{ssl}} minus supervised",
+        invariance_final,
+        "ssl runs",
+        "sup runs",
+        describe=f"CKA(aug1, aug2) at {FINAL_LAYER}",
+    ),
+    Claim(
+        "C6",
+        "Class structure is higher for supervised learning in the final layers",
+        f"CKA with one-hot labels at {FINAL_LAYER}, supervised minus {{ssl}}",
+        class_final,
+        "sup runs",
+        "ssl runs",
+        describe=f"CKA with one-hot labels at {FINAL_LAYER}",
+    ),
+    Claim(
+        "C7a",
+        "Linear-probe accuracy rises with depth ({ssl})",
+        f"probe accuracy, {FINAL_LAYER} minus stem",
+        probe_rise,
+        "ssl runs",
+        needs="ssl",
+        describe=f"probe accuracy, {FINAL_LAYER} minus stem",
+    ),
+    Claim(
+        "C7b",
+        "Linear-probe accuracy rises with depth (supervised)",
+        f"probe accuracy, {FINAL_LAYER} minus stem",
+        probe_rise,
+        "sup runs",
+        needs="sup",
+        describe=f"probe accuracy, {FINAL_LAYER} minus stem",
+    ),
+    Claim(
+        "C8",
+        "Cross-method similarity dips at the first block of each stage more than seed pairs' does",
+        "neighbours' mean minus first block's CKA, stages 2.., cross-method minus seed pairs",
+        first_block_dip,
+        "cross pairs",
+        "seed pairs",
+        describe="first-block dip",
+    ),
+)
+UNIT_NAMES = {
+    "ssl runs": "{ssl} runs",
+    "sup runs": "supervised runs",
+    "cross pairs": "cross-method pairs",
+    "seed pairs": "seed pairs",
+}
+
+
+def measure_units(claim: Claim, ctx: Context, kind: str) -> Units:
+    """The claim's quantity for every unit of one kind."""
+    runs = unit_runs(kind, ctx.ssl, ctx.sup, ctx.init_of)
+    values = [claim.quantity(ctx, *unit) for unit in runs]
+    g = max((len(v.image) for v in values), default=0)
+    image = np.full((len(values), g), np.nan)
+    for i, v in enumerate(values):
+        image[i, : len(v.image)] = v.image
+    sds = np.array([v.sd for v in values])
+    return Units(
+        tuple(runs),
+        np.array([v.value for v in values]),
+        image,
+        sds if len(values) and np.isfinite(sds).all() else None,
     )
 
 
-def c2_early_match(table: pd.DataFrame) -> Effect:
-    """Cross-method CKA of the early layers (stem and stage 1) minus the same for seed pairs:
-    ≥ −u when the methods match there as closely as two seeds of one method."""
-    cross, _ = _cross_method(table)
-    seeds = _seed_pairs(table)
-
-    def early(group):
-        return _mean_of(_diagonal(group), _diagonal(group)["stage_a"] <= 1)
-
-    methods = _over_replicates(_per_pair(cross, early))
-    same = _over_replicates(_per_pair(seeds, early))
-    if not methods.replicates or not same.replicates:
-        return Effect(detail="needs a cross-method pair and seed pairs (two seeds per method)")
-    return Effect(
-        value=methods.value - same.value,
-        half_width=methods.half_width + same.half_width,
-        noise=_max_finite(methods.noise, same.noise),
-        replicates=methods.replicates + same.replicates,
-        detail=f"early-layer CKA: cross-method {methods.value:.2f}, seed pairs {same.value:.2f}",
-    )
+NO_UNITS = {
+    "ssl runs": "needs runs of {ssl}",
+    "sup runs": f"needs runs labelled {SUPERVISED}",
+    "cross pairs": "needs runs of both methods",
+    "seed pairs": "needs seed pairs (two or more seed replicates of one method)",
+}
 
 
-def _max_finite(*values: float) -> float:
-    finite = [v for v in values if np.isfinite(v)]
-    return max(finite) if finite else np.nan
-
-
-def c3_even_above_odd(table: pd.DataFrame) -> Effect:
-    """Middle stages: cross-method CKA of post-residual (even) minus residual-branch (odd)
-    layers."""
-    cross, _ = _cross_method(table)
-    stages = _stages(cross)
-    if not stages:
-        return Effect(detail="needs a cross-method pair")
-    middle = stages[1:-1] or stages
-
-    def gap(group):
-        diag = _diagonal(group)
-        diag = diag[diag["stage_a"].isin(middle)]
-        even = _mean_of(diag, diag["layer_kind_a"] == "out")
-        odd = _mean_of(diag, diag["layer_kind_a"] == "residual")
-        return even[0] - odd[0], even[1] + odd[1]
-
-    effect = _over_replicates(_per_pair(cross, gap))
-    effect.detail = f"stages {', '.join(map(str, middle))}: " + _even_odd_by_stage(cross)
-    return effect
-
-
-def _even_odd_by_stage(cross: pd.DataFrame) -> str:
-    diag = _diagonal(cross)
-    parts = []
-    for stage in _stages(cross):
-        at = diag[diag["stage_a"] == stage]
-        even = _mean(at[at["layer_kind_a"] == "out"]["value"])
-        odd = _mean(at[at["layer_kind_a"] == "residual"]["value"])
-        parts.append(f"stage {stage} even {even:.2f} / odd {odd:.2f}")
-    return "; ".join(parts)
-
-
-def c4_last_stage_diverges(table: pd.DataFrame) -> Effect:
-    """Cross-method CKA of the middle stages' layers minus that of the last stage's layers."""
-    cross, _ = _cross_method(table)
-    stages = _stages(cross)
-    if len(stages) < 2:
-        return Effect(detail="needs at least two residual stages")
-    middle, last = stages[1:-1] or stages[:1], stages[-1]
-
-    def drop(group):
-        diag = _diagonal(group)
-        mid = _mean_of(diag, diag["stage_a"].isin(middle))
-        end = _mean_of(diag, diag["stage_a"] == last)
-        return mid[0] - end[0], mid[1] + end[1]
-
-    effect = _over_replicates(_per_pair(cross, drop))
-    pooled = _diagonal(cross)
-    mid = _mean(pooled[pooled["stage_a"].isin(middle)]["value"])
-    end = _mean(pooled[pooled["stage_a"] == last]["value"])
-    effect.detail = f"middle stages {mid:.2f}, stage {last} {end:.2f}"
-    return effect
-
-
-def _per_run(frame: pd.DataFrame, method: str, layer: str) -> list[tuple[float, float]]:
-    rows = frame[(frame["method_a"] == method) & (frame["layer_a"] == layer)]
-    return [_mean_of(group, slice(None)) for _, group in rows.groupby("run_a")]
-
-
-def _method_gap(
-    frame: pd.DataFrame, high: str | None, low: str | None, layer: str, what: str
-) -> Effect:
-    """Mean over runs of method `high` minus method `low` at one layer; noise = the larger
-    seed-to-seed range within either method."""
-    a = _over_replicates(_per_run(frame, high, layer))
-    b = _over_replicates(_per_run(frame, low, layer))
-    if not a.replicates or not b.replicates:
-        return Effect(detail=f"needs {what} for both {high} and {low}")
-    return Effect(
-        value=a.value - b.value,
-        half_width=a.half_width + b.half_width,
-        noise=_max_finite(a.noise, b.noise),
-        replicates=a.replicates + b.replicates,
-        detail=f"{what} at {layer}: {method_name(high)} {a.value:.2f}, "
-        f"{method_name(low)} {b.value:.2f}",
-    )
-
-
-def _invariance(table: pd.DataFrame) -> pd.DataFrame:
-    inv = table[(table["kind"] == "invariance") & (table["view_a"] == "aug1")]
-    return inv[inv["view_b"] == "aug2"].pipe(_diagonal)
-
-
-def c5_invariance_rises(table: pd.DataFrame, method: str | None) -> Effect:
-    """A method's invariance CKA(aug1, aug2) at the encoder output minus at the stem."""
-    inv = _invariance(table)
-
-    def rise(group):
-        top = _mean_of(group, group["layer_a"] == FINAL_LAYER)
-        stem = _mean_of(group, group["layer_a"] == "stem")
-        return top[0] - stem[0], top[1] + stem[1]
-
-    runs = inv[inv["method_a"] == method]
-    effect = _over_replicates(_per_pair(runs, rise))
-    if not effect.replicates:
-        effect.detail = f"needs invariance comparisons (aug1, aug2) of {method_name(method)}"
-    else:
-        stem, top = _stem_and_top(runs, "layer_a", "value")
-        name = method_name(method)
-        effect.detail = f"{name} invariance: stem {stem:.2f}, {FINAL_LAYER} {top:.2f}"
-    return effect
-
-
-def _stem_and_top(frame: pd.DataFrame, layer: str, value: str) -> tuple[float, float]:
-    """Mean of a column at the stem and at the final layer, over every run in the frame."""
-    return tuple(_mean(frame[frame[layer] == name][value]) for name in ("stem", FINAL_LAYER))
-
-
-def c5_invariance_self_supervised(table: pd.DataFrame, sides: Sides) -> Effect:
-    inv = _invariance(table)
-    return _method_gap(inv, sides.ssl, sides.sup, FINAL_LAYER, "CKA(aug1, aug2)")
-
-
-def c6_class_supervised(table: pd.DataFrame, sides: Sides) -> Effect:
-    classes = table[table["kind"] == "class"]
-    return _method_gap(classes, sides.sup, sides.ssl, FINAL_LAYER, "CKA with one-hot labels")
-
-
-def c7_probes_rise(probes: pd.DataFrame | None, method: str | None) -> Effect:
-    """Linear-probe accuracy (trained encoder) at the encoder output minus at the stem."""
-    if probes is None or not len(probes):
-        return Effect(detail="no probes table")
-    trained = probes[(probes["encoder"] == "trained") & (probes["method"] == method)]
-    n_eval = trained["n_eval"] if "n_eval" in trained else pd.Series(np.nan, trained.index)
-
-    def rise(group):
-        at = group.set_index("layer")
-        if not {"stem", FINAL_LAYER} <= set(at.index):
-            return np.nan, np.nan
-        p = at["eval_accuracy"]
-        n = n_eval.loc[group.index].set_axis(group["layer"])
-        hw = PROBE_Z * np.sqrt(p * (1 - p) / n)
-        return float(p[FINAL_LAYER] - p["stem"]), float(hw[FINAL_LAYER] + hw["stem"])
-
-    effect = _over_replicates([rise(g) for _, g in trained.groupby("run")])
-    if not effect.replicates:
-        effect.detail = f"no probes of {method_name(method)}"
-    else:
-        stem, top = _stem_and_top(trained, "layer", "eval_accuracy")
-        effect.detail = f"{method_name(method)}: stem {stem:.1%}, {FINAL_LAYER} {top:.1%}"
-    return effect
-
-
-def c8_first_block_dip(table: pd.DataFrame) -> Effect:
-    """Cross-method CKA at the first block of stages 2.. (where the resolution halves) below the
-    mean of its neighbours (the previous stage's last block and the stage's second block), for
-    the even and odd layers."""
-    cross, _ = _cross_method(table)
-
-    def dip(group):
-        diag = _diagonal(group).set_index("layer_a")
-        values, widths = [], []
-        hw = (diag["ci_high"] - diag["ci_low"]) / 2
-        for stage in _stages(group)[1:]:
-            last_prev = diag[diag["stage_a"] == stage - 1]["block_a"].max()
-            for kind in ("out", "residual"):
-                names = (
-                    f"layer{stage}.0.{kind}",
-                    f"layer{stage - 1}.{last_prev}.{kind}",
-                    f"layer{stage}.1.{kind}",
-                )
-                if not all(n in diag.index for n in names):
-                    continue
-                first, before, after = (float(diag.at[n, "value"]) for n in names)
-                values.append((before + after) / 2 - first)
-                widths.append(float(hw[names[0]] + (hw[names[1]] + hw[names[2]]) / 2))
-        if not values:
-            return np.nan, np.nan
-        return _mean(values), _mean(widths)
-
-    effect = _over_replicates(_per_pair(cross, dip))
-    if not effect.replicates:
-        effect.detail = "needs a cross-method pair"
-    return effect
+# ---------------------------------------------------------------------------------------------
+# Blocks of claims
 
 
 @dataclass(frozen=True)
@@ -460,86 +516,6 @@ def method_sides(methods) -> list[Sides]:
     return [Sides(ssl, sup) for ssl in sorted(labels - {SUPERVISED})] or [Sides(None, sup)]
 
 
-@dataclass(frozen=True)
-class Claim:
-    claim: str
-    title: str  # `{ssl}`: the self-supervised method's name
-    statistic: str
-    measure: Callable[[pd.DataFrame, pd.DataFrame | None, Sides], Effect]
-    rule: str = "directional"
-    needs: str = "both"  # the sides it reads: both, ssl or sup
-
-
-CLAIMS = (
-    Claim(
-        "C1",
-        "Within-model CKA matrices have similar block structure in both methods",
-        "seed-pair minus cross-method mean |ΔCKA| of within-model matrices",
-        lambda t, p, s: c1_block_structure(t),
-        "sameness",
-    ),
-    Claim(
-        "C2",
-        "Early layers (stem, stage 1) match across methods",
-        "cross-method minus seed-pair CKA, early layers",
-        lambda t, p, s: c2_early_match(t),
-        "sameness",
-    ),
-    Claim(
-        "C3",
-        "In the middle stages post-residual (even) layers are more similar across methods "
-        "than residual-branch (odd) layers",
-        "cross-method CKA, even minus odd layers, middle stages",
-        lambda t, p, s: c3_even_above_odd(t),
-    ),
-    Claim(
-        "C4",
-        "The last stage diverges: cross-method CKA falls below the middle stages'",
-        "cross-method CKA, middle stages minus last stage",
-        lambda t, p, s: c4_last_stage_diverges(t),
-    ),
-    Claim(
-        "C5a",
-        "{ssl}'s augmentation invariance rises with depth",
-        f"{{ssl}} CKA(aug1, aug2), {FINAL_LAYER} minus stem",
-        lambda t, p, s: c5_invariance_rises(t, s.ssl),
-        needs="ssl",
-    ),
-    Claim(
-        "C5b",
-        "Augmentation invariance is higher for {ssl} in the final layers",
-        f"CKA(aug1, aug2) at {FINAL_LAYER}, {{ssl}} minus supervised",
-        lambda t, p, s: c5_invariance_self_supervised(t, s),
-    ),
-    Claim(
-        "C6",
-        "Class structure is higher for supervised learning in the final layers",
-        f"CKA with one-hot labels at {FINAL_LAYER}, supervised minus {{ssl}}",
-        lambda t, p, s: c6_class_supervised(t, s),
-    ),
-    Claim(
-        "C7a",
-        "Linear-probe accuracy rises with depth ({ssl})",
-        f"probe accuracy, {FINAL_LAYER} minus stem",
-        lambda t, p, s: c7_probes_rise(p, s.ssl),
-        needs="ssl",
-    ),
-    Claim(
-        "C7b",
-        "Linear-probe accuracy rises with depth (supervised)",
-        f"probe accuracy, {FINAL_LAYER} minus stem",
-        lambda t, p, s: c7_probes_rise(p, s.sup),
-        needs="sup",
-    ),
-    Claim(
-        "C8",
-        "Cross-method similarity dips at the first block of each stage",
-        "cross-method CKA, neighbours' mean minus first block of stages 2..",
-        lambda t, p, s: c8_first_block_dip(t),
-    ),
-)
-
-
 def _without_module_runs(
     table: pd.DataFrame, probes: pd.DataFrame | None
 ) -> tuple[pd.DataFrame, pd.DataFrame | None, set]:
@@ -554,67 +530,145 @@ def _without_module_runs(
     return table, probes, modules
 
 
-def _of_methods(
-    table: pd.DataFrame, probes: pd.DataFrame | None, sides: Sides
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """The rows of the two sides' runs only (class rows: the run against the labels)."""
-    keep = {sides.ssl, sides.sup} - {None}
-    rows = table["method_a"].isin(keep) & (
-        table["method_b"].isin(keep) | (table["kind"] == "class")
-    )
+def _context(
+    table: pd.DataFrame, matrix: np.ndarray, probes, sides: Sides, facts: pd.DataFrame
+) -> tuple[Context, list[str]]:
+    """The block's context (rows of its replicate runs only) and the runs it leaves out."""
+    ssl, ssl_out = replicate_runs(facts, sides.ssl)
+    sup, sup_out = replicate_runs(facts, sides.sup)
+    keep = set(ssl) | set(sup)
+    rows = table["run_a"].isin(keep) & (table["run_b"].isin(keep) | (table["kind"] == "class"))
     if probes is not None:
-        probes = probes[probes["method"].isin(keep)]
-    return table[rows], probes
+        probes = probes[probes["run"].isin(keep)]
+    ctx = Context(
+        table[rows],
+        matrix,
+        probes,
+        ssl,
+        sup,
+        {r: (facts.at[r, "init"], facts.at[r, "arch"]) for r in keep},
+        {r: facts.at[r, "method"] for r in keep},
+    )
+    return ctx, ssl_out + sup_out
 
 
-def claims_table(table: pd.DataFrame, probes: pd.DataFrame | None = None) -> pd.DataFrame:
+def _detail(claim: Claim, ctx: Context, hi: Units, lo: Units | None, sides: Sides) -> str:
+    parts = []
+    for kind, units in ((claim.hi, hi), (claim.lo, lo)):
+        if units is None:
+            continue
+        finite = units.value[np.isfinite(units.value)]
+        name = UNIT_NAMES[kind].format(ssl=sides.ssl_name)
+        mean = f"{finite.mean():.3f}" if len(finite) else "n/a"
+        parts.append(f"{name} {mean} ({len(finite)})")
+    dropped = sum(int((~np.isfinite(u.value)).sum()) for u in (hi, lo) if u is not None)
+    text = f"{claim.describe}: " + ", ".join(parts)
+    if dropped:
+        text += f"; {dropped} unit(s) without a finite value left out"
+    return text
+
+
+def _row(claim: Claim, sides: Sides, effect: Effect, margin: float, detail: str) -> dict:
+    return {
+        "methods": sides.label,
+        "claim": claim.claim,
+        "title": claim.title.format(ssl=sides.ssl_name),
+        "statistic": claim.statistic.format(ssl=sides.ssl_name),
+        "value": effect.value,
+        "ci_low": effect.low,
+        "ci_high": effect.high,
+        "se_runs": effect.se_runs,
+        "se_images": effect.se_images,
+        "df": effect.df,
+        "runs": ", ".join(f"{m} {n}" for m, n in effect.runs.items()),
+        "units": effect.units,
+        "rule": claim.rule,
+        "margin": margin if claim.rule == "sameness" else np.nan,
+        "verdict": verdict(effect, claim.rule, margin),
+        "detail": detail,
+    }
+
+
+def measure(claim: Claim, ctx: Context, sides: Sides) -> tuple[Effect, str]:
+    """One claim's effect in one block, and its detail line."""
+    if sides.missing(claim.needs):
+        return Effect(), sides.missing(claim.needs)
+    if claim.quantity is probe_rise and ctx.probes is None:
+        return Effect(), "no probes table"
+    hi = measure_units(claim, ctx, claim.hi)
+    lo = measure_units(claim, ctx, claim.lo) if claim.lo else None
+    for kind, units in ((claim.hi, hi), (claim.lo, lo)):
+        if units is not None and not len(units):
+            return Effect(), NO_UNITS[kind].format(ssl=sides.ssl_name)
+    effect = infer(hi, lo, ctx.method_of)
+    detail = _detail(claim, ctx, hi, lo, sides)
+    if effect.too_few:
+        detail += f"; {effect.too_few}"
+    elif claim.rule == "directional" and effect.value < 0:
+        detail += "; the point estimate points opposite to the paper"
+    return effect, detail
+
+
+def claims_table(
+    table: pd.DataFrame, probes: pd.DataFrame | None = None, margin: float = DEFAULT_MARGIN
+) -> pd.DataFrame:
     """One row per claim and block (a self-supervised method against the supervised runs):
-    the effect, its interval, the seed noise floor and the verdict. Claims of the supervised
-    runs alone (C7b) repeat in every block."""
+    the effect, its interval, its standard errors over runs and images and the verdict.
+    Claims of the supervised runs alone (C7b) repeat in every block."""
     table, probes, modules = _without_module_runs(table, probes)
-    left_out = f" ({', '.join(sorted(modules))}: imported as modules, no part)" if modules else ""
+    table = table.reset_index(drop=True)
+    matrix = replicate_matrix(table)
+    needed = [c for c in table if c in READ_COLUMNS]
+    table = table[needed].assign(_row=np.arange(len(table)))
+    facts = run_facts(table)
     if probes is not None and not len(probes):
         probes = None
-    # the methods of the compared runs (a probes table's other runs make no block)
     methods = set(table["method_a"]) | set(table["method_b"])
     rows = []
     for sides in method_sides(methods):
-        part, part_probes = _of_methods(table, probes, sides)
+        ctx, left_out = _context(table, matrix, probes, sides, facts)
+        notes = []
+        if modules:
+            notes.append(f"{', '.join(sorted(modules))}: imported as modules, no part")
+        if left_out:
+            notes.append(f"{', '.join(left_out)}: not seed replicates of the compared runs")
         for claim in CLAIMS:
-            effect = claim.measure(part, part_probes, sides)
-            hw = effect.half_width
-            detail = effect.detail
-            if not np.isfinite(effect.value) and sides.missing(claim.needs):
-                detail = sides.missing(claim.needs) + left_out
-            rows.append(
-                {
-                    "methods": sides.label,
-                    "claim": claim.claim,
-                    "title": claim.title.format(ssl=sides.ssl_name),
-                    "statistic": claim.statistic.format(ssl=sides.ssl_name),
-                    "value": effect.value,
-                    "ci_low": effect.value - hw,
-                    "ci_high": effect.value + hw,
-                    "noise_floor": effect.noise,
-                    "replicates": effect.replicates,
-                    "rule": claim.rule,
-                    "verdict": verdict(effect, claim.rule),
-                    "detail": detail,
-                }
-            )
+            effect, detail = measure(claim, ctx, sides)
+            if notes and not np.isfinite(effect.value):
+                detail += f" ({'; '.join(notes)})"
+            rows.append(_row(claim, sides, effect, margin, detail))
     return pd.DataFrame(rows, columns=list(CLAIM_COLUMNS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Around the claims
+
+
+def pair_kinds(table: pd.DataFrame) -> pd.DataFrame:
+    """The cross comparisons on the clean view, each marked same-method or cross-method and
+    whether the two runs share their initial weights."""
+    cross = table[(table["kind"] == "cross") & (table["view_a"] == "clean")].copy()
+    cross["cross_method"] = cross["method_a"] != cross["method_b"]
+    cross["shared_init"] = (cross["init_a"] == cross["init_b"]) & (
+        cross["arch_a"] == cross["arch_b"]
+    )
+    return cross
 
 
 def shared_init_effect(table: pd.DataFrame) -> pd.DataFrame:
     """Per stage: mean diagonal CKA of cross-method pairs that share initial weights, of those
     that do not, and of same-method seed pairs — how much of the similarity the start explains.
     Cross-method as in the claims: a self-supervised run against a supervised one (any two
-    methods where no run is labelled supervised); module runs take no part."""
+    methods where no run is labelled supervised); module runs take no part. Every group averages
+    the same layers: those that cross-method pairs have in common (so no head)."""
     table, _, _ = _without_module_runs(table, None)
-    cross = _diagonal(pair_kinds(table))
+    cross = pair_kinds(table)
+    cross = cross[cross["layer_a"] == cross["layer_b"]]
     if (cross["method_a"] == SUPERVISED).any() or (cross["method_b"] == SUPERVISED).any():
         one_supervised = (cross["method_a"] == SUPERVISED) != (cross["method_b"] == SUPERVISED)
         cross = cross[one_supervised | ~cross["cross_method"]]
+    shared_layers = set(cross.loc[cross["cross_method"], "layer_a"])
+    cross = cross[cross["layer_a"].isin(shared_layers)]
     groups = {
         "shared_init": cross[cross["cross_method"] & cross["shared_init"]],
         "different_init": cross[cross["cross_method"] & ~cross["shared_init"]],
@@ -625,3 +679,25 @@ def shared_init_effect(table: pd.DataFrame) -> pd.DataFrame:
     )
     frame.index.name = "stage"
     return frame
+
+
+def constant_layers(table: pd.DataFrame) -> dict[str, list[str]]:
+    """Per run, the layers whose CKA with themselves is not finite: a constant representation
+    (zero self-HSIC) on the eval images."""
+    within = table[(table["kind"] == "within") & (table["layer_a"] == table["layer_b"])]
+    bad = within[~np.isfinite(within["value"].astype(float))]
+    out: dict[str, list[str]] = {}
+    for run, group in bad.groupby("run_a"):
+        out[str(run)] = list(dict.fromkeys(group.sort_values("layer_index_a")["layer_a"]))
+    return out
+
+
+def likely_cause(layers: list[str]) -> str:
+    """A guess at why layers are constant, from their kinds."""
+    if layers and all(name.endswith(".residual") for name in layers):
+        return (
+            "residual branches only: a zero-initialised last BatchNorm of each block "
+            "(zero_init_residual, timm's default) that training never moved, or an untrained "
+            "network"
+        )
+    return "dead units (every ReLU output zero on these images) or a layer never trained"

@@ -217,7 +217,8 @@ def cmd_plot(args) -> None:
 def cmd_summarize(args) -> None:
     from ckaflow.summary import summarize
 
-    print(summarize(args.table, args.out, probes=args.probes, claims_out=args.claims))
+    spec = json.loads(args.spec) if args.spec else {}
+    print(summarize(args.table, args.out, probes=args.probes, claims_out=args.claims, **spec))
 
 
 def cmd_plan(args) -> None:
@@ -383,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", required=True)
     p.add_argument("--probes", default=None, help="probes.parquet (optional)")
     p.add_argument("--claims", default=None, help="write the claims table here (parquet + csv)")
+    p.add_argument("--spec", default=None, help='JSON: {"margin": ...} (the config\'s claims)')
     p.add_argument("--out", required=True)
 
     p = stage("plan", cmd_plan, "jobs, bytes, FLOPs and GPU-hours of a study, before running it")

@@ -211,6 +211,20 @@ class RunSpec:
         return self.recipe.proj_dim if self.method == "simclr" else num_classes
 
     @property
+    def replicate_of(self) -> str | None:
+        """Names the set of runs this one replicates: runs of one method, model (architecture,
+        width, initialisation scheme, stem) and recipe, or of one import format and head, that
+        differ only in seed. None for a run without a seed, which replicates nothing."""
+        if self.seed is None:
+            return None
+        spec = asdict(self)
+        del spec["seed"]
+        if spec["imported"]:  # the file and the name differ between seeds of one import
+            del spec["imported"]["name"], spec["imported"]["checkpoint"]
+        width = "" if self.model.width == 64 else f"-w{self.model.width}"
+        return f"{self.method}-{self.model.arch}{width}-{stable_hash(spec)[:8]}"
+
+    @property
     def init_id(self) -> str:
         """Names the initial weights: two runs with equal init_id (and model) start from the
         same network, so their similarity is partly inherited from the starting point."""

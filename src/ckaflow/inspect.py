@@ -121,8 +121,11 @@ def describe_table(path: Path) -> str:
         f"{path}: table, {len(table):,} rows × {table.shape[1]} columns, {_human(_size(path))}"
     ]
     lines += [f"  {name}: {dtype}" for name, dtype in table.dtypes.items()]
+    from ckaflow.tables import PARQUET_ONLY
+
+    head = table.head().drop(columns=[c for c in PARQUET_ONLY if c in table])  # lists
     with pd.option_context("display.width", 120, "display.max_columns", 12):
-        lines.append(table.head().to_string())
+        lines.append(head.to_string())
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Figures from the tidy CKA table: heatmaps and per-layer curves, readable in greyscale.
 
 Every figure is drawn by a `draw_*` function that returns the matplotlib Figure (so that tests
-can read its ticks back) and saved by a thin wrapper of the same name without `draw_`.
+can read its ticks and data back) and saved by a thin wrapper of the same name without `draw_`;
+`draw_all` yields every figure the tables support with its file name, which `plot_all` saves.
 
 Layer axes: rows, columns and points sit at the position of their layer among the layers the
 figure draws (0..k-1, in forward order), never at the layer's index in the full registry, so a
@@ -10,11 +11,16 @@ subset (the odd or even layers) is labelled as correctly as the full network. Ti
 last drawn layer of each residual block (its `.out` when drawn) and every layer outside a block
 (stem, pool, heads, labels); then ticks closer than `TICK_GAP_IN` inches are thinned, keeping
 the first and last layer and block ends first. Thin lines mark the boundaries between stages.
+
+Undefined values (NaN: CKA of a constant layer, whose self-HSIC is zero) are not left as silent
+gaps: a heatmap draws × on their cells and says so in its title, a curve draws × in its colour at
+the foot of the panel under their layers, with a legend entry.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +42,12 @@ TICK_GAP_IN = 0.13  # the least distance between two tick labels (7 pt text), in
 TICK_FONT = 7
 BLOCK = re.compile(r"^(layer\d+\.\d+)\.")  # `layer<s>.<b>.<kind>` belongs to block `layer<s>.<b>`
 MARKERS = "osD^v<>p*h"
-INTERVAL = "interval"  # gid of the error bars of a curve
+INTERVAL = "interval"  # gid of the error bars of a curve (label `_interval:<curve's gid>`)
+UNDEFINED = "undefined"  # gid of the × marks of NaN values (label `_undefined:<curve's gid>`)
+UNDEFINED_Y = (0.025, 0.045)  # a curve's × marks: this far up the panel, and the next curve's
+# × under the same layer this much higher (axes fractions)
+HEATMAP_UNDEFINED = "×: CKA undefined (NaN: a constant layer)"
+CURVE_UNDEFINED = "× at the foot: CKA undefined (NaN: a constant layer)"
 STAGE_LINE = "stage-boundary"  # gid of the lines between stages
 
 
@@ -152,6 +163,20 @@ def draw_heatmap(frame: pd.DataFrame, title: str):
     fig.colorbar(image, ax=ax, label=f"CKA ({frame['estimator'].iloc[0]})", shrink=0.85)
     side = 4.2  # inches the longer axis of the image spans
     scale = side / max(len(rows), len(cols))
+    undefined = frame[frame["value"].isna()]
+    if len(undefined):  # a NaN cell would be blank, like a light one: crossed out instead
+        ax.plot(
+            cols.positions(undefined["layer_b"]),
+            rows.positions(undefined["layer_a"]),
+            linestyle="none",
+            marker="x",
+            markersize=min(7.0, 0.6 * scale * 72),
+            markeredgewidth=1.0,
+            color="0.3",
+            gid=UNDEFINED,
+            label=f"_{UNDEFINED}",
+        )
+        title = f"{title}\n{HEATMAP_UNDEFINED}"
     _label_layers(ax, rows, "y", len(rows) * scale, HEATMAP_STAGE_LINE)
     _label_layers(ax, cols, "x", len(cols) * scale, HEATMAP_STAGE_LINE)
     ax.set_ylabel(f"layer of {frame['run_a'].iloc[0]} ({frame['view_a'].iloc[0]})")
@@ -172,7 +197,9 @@ def _curve(ax, x, group: pd.DataFrame, column: str, gid: str, **style) -> Line2D
     bootstrap 95% intervals as error bars where the table has them."""
     order = np.argsort(x)
     x, group = np.asarray(x)[order], group.iloc[order]
-    (line,) = ax.plot(x, group[column].to_numpy(dtype=float), gid=gid, markersize=3.5, **style)
+    y = group[column].to_numpy(dtype=float)
+    (line,) = ax.plot(x, y, gid=gid, markersize=3.5, **style)
+    _mark_undefined(ax, x[np.isnan(y)], line.get_color(), gid)
     if {"ci_low", "ci_high"} <= set(group.columns):
         low = group["ci_low"].to_numpy(dtype=float)
         high = group["ci_high"].to_numpy(dtype=float)
@@ -185,9 +212,31 @@ def _curve(ax, x, group: pd.DataFrame, column: str, gid: str, **style) -> Line2D
                 colors=[line.get_color()],
                 linewidth=0.9,
                 gid=INTERVAL,
-                label="_interval",
+                label=f"_{INTERVAL}:{gid}",
             )
     return line
+
+
+def _mark_undefined(ax, x, colour, gid: str) -> None:
+    """× in the curve's colour at the foot of the panel under each layer (at `x`) whose value
+    is NaN, where the line has a gap; stacked above the × of curves drawn before."""
+    if not len(x):
+        return
+    taken = [v for m in ax.lines if m.get_gid() == UNDEFINED for v in m.get_xdata()]
+    foot, step = UNDEFINED_Y
+    ax.plot(
+        x,
+        [foot + step * taken.count(v) for v in x],
+        transform=ax.get_xaxis_transform(),  # x: data, y: fraction of the panel
+        linestyle="none",
+        marker="x",
+        markersize=6,
+        markeredgewidth=1.3,
+        color=colour,
+        clip_on=False,
+        gid=UNDEFINED,
+        label=f"_{UNDEFINED}:{gid}",
+    )
 
 
 def _has_intervals(frame: pd.DataFrame) -> bool:
@@ -203,9 +252,11 @@ def _finish_curves(
     handles=None,
     intervals: bool = False,
     legend: str = "outside right center",
+    undefined: str = CURVE_UNDEFINED,
 ) -> None:
     """Layer ticks, stage lines and x label on each panel; one legend, outside the axes (with
-    an entry for the error bars when there are any)."""
+    an entry for the error bars when there are any, and one saying `undefined` for the × marks
+    of NaN values when there are any)."""
     for ax, axis in zip(axes, axis_of, strict=True):
         width = fig.get_figwidth() * 0.8 / len(axes)
         _label_layers(ax, axis, "x", width, CURVE_STAGE_LINE)
@@ -221,6 +272,9 @@ def _finish_curves(
     if intervals:
         bar = Line2D([], [], color="0.3", marker="|", markersize=9, linestyle="none")
         handles, labels = [*handles, bar], [*labels, "bars: 95% bootstrap interval"]
+    if any(line.get_gid() == UNDEFINED for ax in axes for line in ax.lines):
+        cross = Line2D([], [], color="0.3", marker="x", markeredgewidth=1.3, linestyle="none")
+        handles, labels = [*handles, cross], [*labels, undefined]
     ncols = 2 if legend.endswith("center") and "lower" in legend else 1
     fig.legend(handles, labels, loc=legend, fontsize=7, frameon=False, ncols=ncols)
 
@@ -327,11 +381,19 @@ DIAGONAL_PANELS = (
 BAND_HATCH = ("////", "\\\\\\\\", "xx", "..")
 
 
+def seed_replicates(frame: pd.DataFrame) -> pd.Series:
+    """Rows comparing two seed replicates (runs that differ only in seed; an import without a
+    seed replicates nothing)."""
+    if "replicate_a" not in frame:
+        return pd.Series(False, frame.index)
+    return frame["replicate_a"].notna() & (frame["replicate_a"] == frame["replicate_b"])
+
+
 def draw_cross_diagonal(cross: pd.DataFrame):
     """CKA of each layer with the same layer of the other run, against depth; post-residual
     (even) and residual-branch (odd) layers in two panels. Cross-method pairs are lines (thin
     dotted where both runs started from the same initial weights); the pairs of seeds of each
-    method are a band spanning their values and bootstrap intervals."""
+    method (seed replicates only) are a band spanning their values and bootstrap intervals."""
     diagonal = cross[cross["layer_a"] == cross["layer_b"]]
     kinds = [(k, t) for k, t in DIAGONAL_PANELS if (diagonal["layer_kind_a"] == k).any()]
     kinds = kinds or [(None, "all layers")]
@@ -342,7 +404,7 @@ def draw_cross_diagonal(cross: pd.DataFrame):
         .eq(between.groupby("comparison")["init_b"].first())
     )
     pairs = sorted(between["comparison"].unique(), key=lambda c: (bool(same_init[c]), c))
-    seeds = diagonal[diagonal["method_a"] == diagonal["method_b"]]
+    seeds = diagonal[seed_replicates(diagonal)]
     methods = sorted(seeds["method_a"].unique())
     pair_colours = _colours(len(pairs))
     method_colours = dict(zip(methods, _colours(len(methods) + 1)[1:], strict=True))
@@ -362,7 +424,7 @@ def draw_cross_diagonal(cross: pd.DataFrame):
         axis = LayerAxis.of(part, "a")
         axis_of.append(axis)
         for i, method in enumerate(methods):
-            band = part[(part["method_a"] == method) & (part["method_b"] == method)]
+            band = part[seed_replicates(part) & (part["method_a"] == method)]
             if not len(band):
                 continue
             x = axis.positions(band["layer_a"])
@@ -395,6 +457,8 @@ def draw_cross_diagonal(cross: pd.DataFrame):
                 zorder=2,
                 gid=f"seeds-{method}",
             )
+            undefined = np.unique(x[band["value"].isna().to_numpy()])
+            _mark_undefined(ax, undefined, colour, mid.get_gid())
             handles.setdefault(label, (poly, mid))
         for comparison, colour, marker in zip(pairs, pair_colours, MARKERS, strict=False):
             group = part[part["comparison"] == comparison]
@@ -463,6 +527,7 @@ def draw_probe_curves(probes: pd.DataFrame):
         "linear probe accuracy (eval subset)",
         ylim=(0, 1.02),
         handles=_legend_entries(axes),
+        undefined="× at the foot: no accuracy (NaN)",
     )
     return fig
 
@@ -510,47 +575,53 @@ def plot_all(
         return _plot_all(table, out_dir, probes)
 
 
-def png(out_dir: Path, kind: str, *parts: str) -> Path:
-    """Where a figure goes (its PDF alongside): named by `study.figure_name`."""
-    return out_dir / f"{figure_name(kind, *parts)}.png"
+CROSS_SUBSETS = (  # (figure name part, layer kind of both sides, what the title calls them)
+    ("odd", "residual", "Residual-branch"),
+    ("even", "out", "Post-residual"),
+)
 
 
-def _plot_all(table, out_dir, probes) -> list[Path]:
-    frame = read_table(table)
-    out_dir = Path(out_dir)
-    written: list[Path] = []
+def draw_all(frame: pd.DataFrame, probes: pd.DataFrame | None = None) -> Iterator[tuple]:
+    """Every figure the tables support, one at a time (a caller saves and closes each before
+    the next is drawn): (its name, by `study.figure_name`; the Figure)."""
     for _, group in frame[frame["kind"] == "within"].groupby("comparison"):
         run, view = group["run_a"].iloc[0], group["view_a"].iloc[0]
         title = f"Within-model CKA: {run} ({view})"
-        written += heatmap(group, title, png(out_dir, "within", run, view))
+        yield figure_name("within", run, view), draw_heatmap(group, title)
     cross = frame[frame["kind"] == "cross"]
     for _, group in cross.groupby("comparison"):
         run_a, run_b = group["run_a"].iloc[0], group["run_b"].iloc[0]
         title = f"Cross-model CKA: {run_a} vs {run_b}"
-        written += heatmap(group, title, png(out_dir, "cross", run_a, run_b, ""))
-        for part, kind, what in (
-            ("odd", "residual", "Residual-branch"),
-            ("even", "out", "Post-residual"),
-        ):
+        yield figure_name("cross", run_a, run_b, ""), draw_heatmap(group, title)
+        for part, kind, what in CROSS_SUBSETS:
             sub = group[(group["layer_kind_a"] == kind) & (group["layer_kind_b"] == kind)]
             if sub.empty:  # a side without such layers (an imported module): no figure
                 continue
             title = f"{what} ({part}) layers: {run_a} vs {run_b}"
-            written += heatmap(sub, title, png(out_dir, "cross", run_a, run_b, part))
+            yield figure_name("cross", run_a, run_b, part), draw_heatmap(sub, title)
     # the diagonal pairs a layer with its namesake: ResNets only (not imported modules)
     resnets = cross[(cross["layer_kind_a"] != "module") & (cross["layer_kind_b"] != "module")]
     if len(resnets):
-        written += cross_diagonal(resnets, png(out_dir, "cross-diagonal"))
+        yield figure_name("cross-diagonal"), draw_cross_diagonal(resnets)
     invariance = frame[(frame["kind"] == "invariance") & (frame["layer_a"] == frame["layer_b"])]
     if len(invariance):
         title, ylabel = "Augmentation invariance per layer", "CKA between views"
-        written += depth_curves(invariance, title, ylabel, png(out_dir, "invariance"))
+        yield figure_name("invariance"), draw_depth_curves(invariance, title, ylabel)
     classes = frame[frame["kind"] == "class"]
     if len(classes):
         title, ylabel = "Class structure per layer", "CKA(layer, one-hot labels)"
-        written += depth_curves(classes, title, ylabel, png(out_dir, "class"))
+        yield figure_name("class"), draw_depth_curves(classes, title, ylabel)
     if probes is not None:
-        written += probe_curves(read_table(probes, "probes"), png(out_dir, "probes"))
+        yield figure_name("probes"), draw_probe_curves(probes)
+
+
+def _plot_all(table, out_dir, probes) -> list[Path]:
+    frame = read_table(table)
+    probes = None if probes is None else read_table(probes, "probes")
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    for name, fig in draw_all(frame, probes):  # PNG and PDF, each named by `study.figure_name`
+        written += _save(fig, out_dir / f"{name}.png")
     if np.isnan(frame["value"]).any():
         print(
             f"warning: {int(np.isnan(frame['value']).sum())} CKA values are NaN (constant layers)"

@@ -245,6 +245,10 @@ class Study:
         ]
         return {"config_hash": cfg.stable_hash(upstream)}
 
+    def claims_spec(self) -> dict:
+        """How the claims are judged: the summary's parameters."""
+        return dict(self.config["claims"])
+
     def figures_spec(self) -> dict:
         return dict(self.config["plots"])
 

@@ -1,5 +1,5 @@
 """`results/summary.md`, written from `results/tables/claims.parquet`: each of the paper's claims
-with its effect, uncertainty, seed noise floor and verdict (rules in `ckaflow.claims`)."""
+with its effect, 95% interval over runs and images, and verdict (rules in `ckaflow.claims`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-from ckaflow.claims import claims_table, shared_init_effect
+from ckaflow.claims import (
+    DEFAULT_MARGIN,
+    claims_table,
+    constant_layers,
+    likely_cause,
+    replicate_runs,
+    run_facts,
+    shared_init_effect,
+)
 from ckaflow.config import SUPERVISED
 from ckaflow.provenance import atomic_path
 from ckaflow.tables import read_table, representation_probes, write_both
@@ -34,26 +43,48 @@ def claim_lines(claims: pd.DataFrame) -> list[str]:
 
 def _claim_table(claims: pd.DataFrame) -> list[str]:
     lines = [
-        "| claim | statistic | effect [95% interval] | seed floor | verdict |",
+        "| claim | statistic | effect [95% interval] | runs (t df) | verdict |",
         "|---|---|---|---|---|",
     ]
     for row in claims.itertuples():
         interval = (
             f"[{_num(row.ci_low)}, {_num(row.ci_high)}]" if np.isfinite(row.ci_low) else "[n/a]"
         )
-        floor = (
-            f"±{row.noise_floor:.3f} ({row.replicates})"
-            if np.isfinite(row.noise_floor)
-            else f"n/a ({row.replicates})"
-        )
+        runs = f"{row.runs} ({row.df})" if row.df else (row.runs or "n/a")
         title, statistic = (text.replace("|", "\\|") for text in (row.title, row.statistic))
+        rule = f"; equivalence margin ±{row.margin:g}" if row.rule == "sameness" else ""
         lines.append(
-            f"| **{row.claim}** {title} | {statistic} | {_num(row.value)} {interval} | "
-            f"{floor} | **{row.verdict}** |"
+            f"| **{row.claim}** {title} | {statistic}{rule} | {_num(row.value)} {interval} | "
+            f"{runs} | **{row.verdict}** |"
         )
     lines.append("")
     lines += [f"- {row.claim}: {row.detail}" for row in claims.itertuples() if row.detail]
     return [*lines, ""]
+
+
+def resolution_lines(claims: pd.DataFrame) -> list[str]:
+    """What this study's seed count can resolve: the interval's half-width per claim."""
+    measured = claims[np.isfinite(claims["ci_low"])]
+    if not len(measured):
+        return [
+            "No claim has an interval over runs: that needs at least two seed replicates of "
+            "each method compared (five give useful power: `configs/reference.yaml`).",
+            "",
+        ]
+    df = int(measured["df"].min())
+    half = (measured["ci_high"] - measured["ci_low"]) / 2
+    return [
+        f"With {df + 1} seeds of the sparsest method the intervals use Student's t with "
+        f"{df} degree(s) of freedom (t = {stats.t.ppf(0.975, df):.2f}); an effect must exceed "
+        f"its half-width ({half.min():.3f} to {half.max():.3f} here) to be decided."
+        + (
+            " Five seeds per method (t = 2.78, and more runs in the spread) narrow them "
+            "several-fold: `configs/reference.yaml`."
+            if df + 1 < 5
+            else ""
+        ),
+        "",
+    ]
 
 
 def shared_init_lines(table: pd.DataFrame) -> list[str]:
@@ -111,14 +142,52 @@ def compared(claims: pd.DataFrame) -> str:
 
 
 RULES = (
-    "Each effect is oriented so that a positive value is what the paper reports. Its interval "
-    "adds the half-widths of the bootstrap intervals of the CKA values it is built from "
-    "(binomial intervals for probe accuracies); the seed floor is the largest change of the "
-    "statistic between seeds (in brackets: the runs or run pairs it averages). With u the larger "
-    "of the two: *agrees* if the effect > u, *disagrees* if < −u, *within noise* otherwise; C1 "
-    "and C2 claim sameness (the methods as alike as two seeds of one method) and agree when the "
-    "effect ≥ −u; *not measured* when a layer, comparison or seed pair is missing."
+    "How the verdicts are made: each effect is oriented so that a positive value is what the "
+    "paper reports, and built from per-run or per-run-pair quantities. Its 95% interval is "
+    "t(0.975; d) · √(V_runs + V_images): V_runs a delete-one-run jackknife stratified by "
+    "method (a run is left out with every pair it is in), V_images the jackknife over left-out "
+    "blocks of eval images (the same block out of every value at once; binomial for probe "
+    "accuracies), d = the sparsest method's runs − 1. Directional claims *agree* when the "
+    "interval lies above 0 and *disagree* below it; C1 and C2 are equivalence tests and "
+    "*agree* when the interval lies inside ±margin, *disagree* when wholly outside; "
+    "otherwise, or with one run of a method, *within noise*. A simulation of null studies "
+    "keeps *agrees* at or under 5% for every claim (tests/test_claims_calibration.py)."
 )
+
+
+def constant_lines(table: pd.DataFrame) -> list[str]:
+    """Runs with constant layers (no CKA): named with a likely cause."""
+    found = constant_layers(table)
+    if not found:
+        return []
+    lines = [
+        "## Constant layers",
+        "",
+        "These layers gave the same output for every eval image, so their CKA is undefined "
+        "(NaN): they are left out of every mean, and the figures mark them.",
+        "",
+    ]
+    for run, layers in found.items():
+        shown = ", ".join(layers[:8]) + (f" and {len(layers) - 8} more" if len(layers) > 8 else "")
+        lines.append(
+            f"- {run}: {len(layers)} layer(s) ({shown}); likely cause: {likely_cause(layers)}."
+        )
+    return [*lines, ""]
+
+
+def left_out_lines(table: pd.DataFrame, claims: pd.DataFrame) -> list[str]:
+    """Runs of a compared method that are not among its seed replicates."""
+    facts = run_facts(table)
+    out = []
+    for method in sorted(set(facts["method"].dropna())):
+        used, left = replicate_runs(facts, method)
+        if left:
+            out.append(
+                f"- {method}: the claims use {', '.join(used)} (seed replicates of one "
+                f"recipe); {', '.join(left)} differ in more than the seed (or carry no seed) "
+                "and take no part."
+            )
+    return ["Runs left out of the claims:", "", *out, ""] if out else []
 
 
 def summarize(
@@ -126,10 +195,11 @@ def summarize(
     out: str | Path,
     probes: str | Path | None = None,
     claims_out: str | Path | None = None,
+    margin: float = DEFAULT_MARGIN,
 ) -> str:
     table = read_table(table_path)
     probe_table = read_table(probes, "probes") if probes is not None else None
-    claims = claims_table(table, probe_table)
+    claims = claims_table(table, probe_table, margin=margin)
     if claims_out is not None:
         write_both(claims, Path(claims_out))
     probe_text = []
@@ -139,8 +209,9 @@ def summarize(
             "",
             *probe_lines(probe_table),
             "",
-            "The untrained baseline is each run's exact initial network with BatchNorm statistics "
-            "from one pass over the training images.",
+            "The untrained baseline is each trained run's exact initial network, and for an "
+            "imported run a freshly initialised network of its architecture (seeded from its "
+            "name), with BatchNorm statistics from one pass over the training images.",
             "",
         ]
     runs = sorted(set(table["run_a"]) - {"labels"})
@@ -160,8 +231,11 @@ def summarize(
             f"Claims of {PAPER}; rules below the table. {compared(claims)}",
             "",
             *claim_lines(claims),
+            *resolution_lines(claims),
+            *left_out_lines(table, claims),
             RULES,
             "",
+            *constant_lines(table),
             *shared_init_lines(table),
             *probe_text,
             f"Non-finite CKA values: {int((~np.isfinite(table['value'])).sum())}.",

@@ -18,6 +18,7 @@ SIDE_COLUMNS = (
     "arch",
     "seed",
     "init",
+    "replicate",
     "view",
     "layer",
     "layer_index",
@@ -37,6 +38,7 @@ COLUMNS = (
     "ci_low",
     "ci_high",
     "bootstrap",
+    "jackknife",
     "source_a",
     "source_b",
     "code_version",
@@ -97,11 +99,16 @@ def read_table(path: str | Path, kind: str = "cka") -> pd.DataFrame:
     return table
 
 
+# list-valued columns: in the parquet table only (a CSV cell holds one number)
+PARQUET_ONLY = ("jackknife",)
+
+
 def write_both(table: pd.DataFrame, out: Path) -> None:
+    """The table as parquet, and as CSV without its list-valued columns."""
     with atomic_path(out) as scratch:
         table.to_parquet(scratch, index=False)
     with atomic_path(out.with_suffix(".csv")) as scratch:
-        table.to_csv(scratch, index=False)
+        table.drop(columns=[c for c in PARQUET_ONLY if c in table]).to_csv(scratch, index=False)
 
 
 def representation_probes(probes: pd.DataFrame) -> pd.DataFrame:

@@ -474,6 +474,24 @@ class BlockHSICs:
         """The minibatch CKA of every pair: HSIC summed over every block of every pass."""
         return _normalise(self.cross.sum(0), self.self_a.sum(0), self.self_b.sum(0))
 
+    def jackknife(self) -> np.ndarray:
+        """Delete-one-block replicates of every pair's CKA, (blocks of pass 0, La, Lb): block g
+        of pass 0 left out in turn, shifted onto the k-pass estimate when passes > 1 (as in
+        `interval`). The same block is left out of every layer, run and view, so an effect built
+        from many CKA values has its own replicates and its image-sampling variance
+        (G − 1)/G · Σ_g (T_g − T̄)² keeps the values' correlations. One block: NaN."""
+        n_blocks = self.blocks_per_pass
+        cross, self_a, self_b = (x[:n_blocks] for x in (self.cross, self.self_a, self.self_b))
+        totals = cross.sum(0), self_a.sum(0), self_b.sum(0)
+        out = np.full((n_blocks, *cross.shape[1:]), np.nan)
+        if n_blocks < 2:
+            return out
+        for g in range(n_blocks):
+            out[g] = _normalise(totals[0] - cross[g], totals[1] - self_a[g], totals[2] - self_b[g])
+        if self.passes > 1:
+            out += self.cka() - _normalise(*totals)
+        return out
+
     def interval(
         self, *, bootstrap: int, seed: int = 0, level: float = 0.95
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -569,3 +587,39 @@ def cka_interval(
             "use minibatch (blocks are resampled) or linear/rbf (examples are resampled)"
         )
     return _percentiles(draws, level)
+
+
+# Full-data estimators have one block; their jackknife leaves out one of this many consecutive
+# groups of examples (in stored order) at a time.
+FULL_DATA_GROUPS = 10
+
+
+def cka_jackknife(stats_a: list[GramStats], stats_b: list[GramStats]) -> np.ndarray:
+    """Delete-one-group replicates (groups, La, Lb) of every pair's CKA for the full-data
+    estimators (`linear`, `debiased`, `rbf`): the examples cut into `FULL_DATA_GROUPS`
+    consecutive groups, each left out of every layer in turn (its rows and columns of the n × n
+    Gram; an RBF kernel keeps the bandwidth of all examples). For the minibatch estimator see
+    `BlockHSICs.jackknife`. Memory: La + 1 centred Grams at a time."""
+    for other in [*stats_a[1:], *stats_b]:
+        check_comparable(stats_a[0], other)
+    estimator, n = stats_a[0].estimator, stats_a[0].n
+    if estimator == "minibatch":
+        return block_hsics(stats_a, stats_b).jackknife()
+    edges = np.linspace(0, n, FULL_DATA_GROUPS + 1).astype(int)
+    out = np.empty((FULL_DATA_GROUPS, len(stats_a), len(stats_b)))
+    for g in range(FULL_DATA_GROUPS):
+        keep = np.r_[0 : edges[g], edges[g + 1] : n]
+
+        def vector(stats: GramStats, keep=keep) -> np.ndarray:
+            k = stats.grams[0][np.ix_(keep, keep)]
+            return hsic_vector(k[None], (len(keep),), estimator)
+
+        va = np.stack([vector(s) for s in stats_a])
+        self_a = np.einsum("ij,ij->i", va, va)
+        cross, self_b = np.empty((len(stats_a), len(stats_b))), np.empty(len(stats_b))
+        same = {id(s): i for i, s in enumerate(stats_a)}  # a layer on both sides: once
+        for j, s in enumerate(stats_b):
+            vb = va[same[id(s)]] if id(s) in same else vector(s)
+            cross[:, j], self_b[j] = va @ vb, vb @ vb
+        out[g] = _normalise(cross, self_a, self_b)
+    return out

@@ -8,6 +8,11 @@ Peak memory: one block of every layer, (La + Lb) · b² · 8 bytes, plus blocks 
 the per-block terms and bootstrap · La · Lb · 8 for the replicates (`ckaflow.plan.tile_memory`)
 — megabytes, where loading the layers' statistics took about three times their store bytes.
 
+Every value also carries its delete-one-block jackknife replicates (`jackknife`: block g of
+pass 0 left out, the same block in every tile; full-data estimators: one of 10 groups of
+examples), from which the claims build each effect's image-sampling variance jointly over
+layers, runs and views (`ckaflow.claims`).
+
 Full-data estimators (linear, debiased, rbf): one n × n block per layer, and the bootstrap of
 linear and rbf resamples examples within it, so the layers are loaded whole (`load_stats`), as
 before: memory about 3 · (La + Lb) · n² · 8 bytes.
@@ -26,12 +31,14 @@ def _run_columns(attrs: dict, suffix: str) -> dict:
 
     run = attrs.get("run_spec") or {}
     model = run.get("model") or {}
+    spec = run_spec_from_dict(run) if run else None
     return {
         f"run_{suffix}": attrs["run"],
         f"method_{suffix}": run.get("method"),
         f"arch_{suffix}": model.get("arch"),
         f"seed_{suffix}": run.get("seed"),
-        f"init_{suffix}": run_spec_from_dict(run).init_id if run else None,
+        f"init_{suffix}": spec.init_id if spec else None,
+        f"replicate_{suffix}": spec.replicate_of if spec else None,
         f"view_{suffix}": attrs["view"],
     }
 
@@ -80,7 +87,7 @@ def compute_tile(
     """CKA of layers `rows` of side a against layers `cols` of side b, as a tidy parquet."""
     import pandas as pd
 
-    from ckaflow.cka.engine import cka_between, cka_interval
+    from ckaflow.cka.engine import cka_between, cka_interval, cka_jackknife
     from ckaflow.cka.gram import load_stats, open_gram, stream_block_hsics
     from ckaflow.provenance import atomic_path, code_version
 
@@ -98,13 +105,13 @@ def compute_tile(
     names_a, names_b = [la["name"] for la in layers_a], [lb["name"] for lb in layers_b]
     if estimator == "minibatch":  # streamed block by block (module docstring)
         terms = stream_block_hsics(a, names_a, b, names_b)
-        values = terms.cka()
+        values, jackknife = terms.cka(), terms.jackknife()
         low = high = np.full_like(values, np.nan)
         if bootstrap:
             low, high = terms.interval(bootstrap=bootstrap, seed=seed)
     else:  # one n × n block per layer: in memory (tiny next to the Gram stage: CPU)
         stats_a, stats_b = load_stats(a, names_a), load_stats(b, names_b)
-        values = cka_between(stats_a, stats_b)
+        values, jackknife = cka_between(stats_a, stats_b), cka_jackknife(stats_a, stats_b)
         low = high = np.full_like(values, np.nan)
         if bootstrap:
             low, high = cka_interval(stats_a, stats_b, bootstrap=bootstrap, seed=seed)
@@ -127,6 +134,7 @@ def compute_tile(
                     "ci_low": float(low[i, j]),
                     "ci_high": float(high[i, j]),
                     "bootstrap": bootstrap,
+                    "jackknife": jackknife[:, i, j].tolist(),
                 }
             )
     frame = pd.DataFrame.from_records(records).assign(
