@@ -174,7 +174,8 @@ class Context:
     def __post_init__(self) -> None:
         t = self.table
         diagonal = t[t["layer_a"] == t["layer_b"]]
-        cross = diagonal[(diagonal["kind"] == "cross") & (diagonal["view_a"] == "clean")]
+        clean = (diagonal["view_a"] == "clean") & (diagonal["view_b"] == "clean")
+        cross = diagonal[(diagonal["kind"] == "cross") & clean]
         self._pairs = {
             frozenset(key): rows for key, rows in cross.groupby(["run_a", "run_b"], sort=False)
         }
