@@ -267,8 +267,10 @@ def _finish_curves(
     axes[0].set_ylabel(ylabel)
     if handles is None:
         handles, labels = axes[0].get_legend_handles_labels()
-    else:
+    elif handles:
         handles, labels = map(list, zip(*handles, strict=True))
+    else:  # nothing labelled (e.g. no pair of runs to draw)
+        labels = []
     if intervals:
         bar = Line2D([], [], color="0.3", marker="|", markersize=9, linestyle="none")
         handles, labels = [*handles, bar], [*labels, "bars: 95% bootstrap interval"]
@@ -391,13 +393,14 @@ def seed_replicates(frame: pd.DataFrame) -> pd.Series:
 
 def draw_cross_diagonal(cross: pd.DataFrame):
     """CKA of each layer with the same layer of the other run, against depth; post-residual
-    (even) and residual-branch (odd) layers in two panels. Cross-method pairs are lines (thin
-    dotted where both runs started from the same initial weights); the pairs of seeds of each
-    method (seed replicates only) are a band spanning their values and bootstrap intervals."""
+    (even) and residual-branch (odd) layers in two panels. Pairs of runs are lines (thin
+    dotted where both runs started from the same initial weights), except the pairs of seed
+    replicates of each method, which are a band spanning their values and bootstrap
+    intervals."""
     diagonal = cross[cross["layer_a"] == cross["layer_b"]]
     kinds = [(k, t) for k, t in DIAGONAL_PANELS if (diagonal["layer_kind_a"] == k).any()]
     kinds = kinds or [(None, "all layers")]
-    between = diagonal[diagonal["method_a"] != diagonal["method_b"]]
+    between = diagonal[~seed_replicates(diagonal)]  # other methods, or not replicates
     same_init = (
         between.groupby("comparison")["init_a"]
         .first()
