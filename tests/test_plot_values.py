@@ -412,3 +412,27 @@ def test_seed_bands_hold_seed_replicates_only():
         np.testing.assert_array_equal(g, w)
     # and it differs from the band that counted the outsider's pairs
     assert any(not np.array_equal(g, a) for g, a in zip(got, band(cross), strict=True))
+
+
+def test_many_pairs_are_drawn_as_bands_of_every_pair():
+    """Five seeds per method make 25 cross-method pairs, more than there are markers: each
+    pair of methods and starting point becomes one band whose middle line is the mean over
+    all its pairs (none dropped), and its label counts them."""
+    table = valued_table(seeds=(0, 1, 2, 3, 4))
+    cross = table[(table["kind"] == "cross") & (table["view_a"] == "clean")]
+    fig = draw_cross_diagonal(cross)
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "SimCLR vs supervised, different initial weights (20 pairs: range and mean)" in labels
+    assert "SimCLR vs supervised, same initial weights (5 pairs: range and mean)" in labels
+    diagonal = cross[
+        (cross["layer_a"] == cross["layer_b"]) & (cross["method_a"] != cross["method_b"])
+    ]
+    different = diagonal[diagonal["init_a"] != diagonal["init_b"]]
+    for ax in fig.axes:
+        (line,) = [
+            ln for ln in ax.get_lines() if ln.get_gid() == "pairs-simclr-supervised-different"
+        ]
+        ticks = _named_ticks(ax)
+        names = [ticks[float(x)] for x in line.get_xdata()]
+        want = different.groupby("layer_a")["value"].mean().loc[names].to_numpy()
+        np.testing.assert_allclose(np.asarray(line.get_ydata(), dtype=float), want, rtol=0, atol=0)

@@ -391,6 +391,68 @@ def seed_replicates(frame: pd.DataFrame) -> pd.Series:
     return frame["replicate_a"].notna() & (frame["replicate_a"] == frame["replicate_b"])
 
 
+def _band(
+    ax, axis, rows: pd.DataFrame, colour, hatch: str, label: str, gid: str, style: str = "-."
+):
+    """A band over the rows' layers spanning their values and intervals, with a line through
+    their mean (gid `gid`) and × under layers where a value is NaN; (band, line)."""
+    x = axis.positions(rows["layer_a"])
+    low = np.fmin(rows["value"], rows["ci_low"].fillna(rows["value"]))
+    high = np.fmax(rows["value"], rows["ci_high"].fillna(rows["value"]))
+    spread = pd.DataFrame({"x": x, "low": low, "high": high, "value": rows["value"]})
+    spread = spread.groupby("x").agg(
+        low=("low", "min"), high=("high", "max"), value=("value", "mean")
+    )
+    poly = ax.fill_between(
+        spread.index,
+        spread["low"],
+        spread["high"],
+        facecolor=(*colour[:3], 0.18),
+        edgecolor=(*colour[:3], 0.6),
+        hatch=hatch,
+        linewidth=0.0,
+        label=label,
+        zorder=1,
+    )
+    (mid,) = ax.plot(
+        spread.index,
+        spread["value"],
+        color=colour,
+        linewidth=0.9,
+        linestyle=style,
+        zorder=2,
+        gid=gid,
+    )
+    _mark_undefined(ax, np.unique(x[rows["value"].isna().to_numpy()]), colour, gid)
+    return poly, mid
+
+
+def _pair_line(ax, axis, group: pd.DataFrame, colour, marker: str, same_init) -> tuple:
+    """One pair of runs' curve: solid, or thin dotted where both started alike; (label, line)."""
+    comparison = group["comparison"].iloc[0]
+    shared = bool(same_init[comparison])
+    label = f"{group['run_a'].iloc[0]} vs {group['run_b'].iloc[0]}"
+    style = (
+        {"linestyle": ":", "linewidth": 1.0, "markerfacecolor": "white"}
+        if shared
+        else {"linestyle": "-", "linewidth": 1.5}
+    )
+    label += " (same initial weights)" if shared else ""
+    line = _curve(
+        ax,
+        axis.positions(group["layer_a"]),
+        group,
+        "value",
+        comparison,
+        color=colour,
+        marker=marker,
+        label=label,
+        zorder=3,
+        **style,
+    )
+    return label, line
+
+
 def draw_cross_diagonal(cross: pd.DataFrame):
     """CKA of each layer with the same layer of the other run, against depth; post-residual
     (even) and residual-branch (odd) layers in two panels. Pairs of runs are lines (thin
@@ -430,64 +492,49 @@ def draw_cross_diagonal(cross: pd.DataFrame):
             band = part[seed_replicates(part) & (part["method_a"] == method)]
             if not len(band):
                 continue
-            x = axis.positions(band["layer_a"])
-            low = np.fmin(band["value"], band["ci_low"].fillna(band["value"]))
-            high = np.fmax(band["value"], band["ci_high"].fillna(band["value"]))
-            spread = pd.DataFrame({"x": x, "low": low, "high": high, "value": band["value"]})
-            spread = spread.groupby("x").agg(
-                low=("low", "min"), high=("high", "max"), value=("value", "mean")
-            )
-            colour = method_colours[method]
             what = "range and 95% intervals" if _has_intervals(band) else "range"
             label = f"{method_name(method)} seed vs seed ({what})"
-            poly = ax.fill_between(
-                spread.index,
-                spread["low"],
-                spread["high"],
-                facecolor=(*colour[:3], 0.18),
-                edgecolor=(*colour[:3], 0.6),
-                hatch=BAND_HATCH[i % len(BAND_HATCH)],
-                linewidth=0.0,
-                label=label,
-                zorder=1,
-            )
-            (mid,) = ax.plot(
-                spread.index,
-                spread["value"],
-                color=colour,
-                linewidth=0.9,
-                linestyle="-.",
-                zorder=2,
-                gid=f"seeds-{method}",
-            )
-            undefined = np.unique(x[band["value"].isna().to_numpy()])
-            _mark_undefined(ax, undefined, colour, mid.get_gid())
-            handles.setdefault(label, (poly, mid))
-        for comparison, colour, marker in zip(pairs, pair_colours, MARKERS, strict=False):
-            group = part[part["comparison"] == comparison]
-            if not len(group):
+            hatch = BAND_HATCH[i % len(BAND_HATCH)]
+            drawn = _band(ax, axis, band, method_colours[method], hatch, label, f"seeds-{method}")
+            handles.setdefault(label, drawn)
+        if len(pairs) <= len(MARKERS):  # a line per pair
+            for comparison, colour, marker in zip(pairs, pair_colours, MARKERS, strict=False):
+                group = part[part["comparison"] == comparison]
+                if len(group):
+                    label, line = _pair_line(ax, axis, group, colour, marker, same_init)
+                    handles.setdefault(label, line)
+            ax.set_title(panel_title, fontsize=9)
+            continue
+        # too many pairs for a line each: per pair of methods and start, a band and its mean
+        groups = between.assign(shared=between["comparison"].map(same_init))
+        keys = groups.drop_duplicates(["method_a", "method_b", "shared"])
+        keys = keys.sort_values(["shared", "method_a", "method_b"])
+        # the dark end of the colour map (the seed bands take the middle), told apart by
+        # hatch and line style
+        cmap = plt.get_cmap(matplotlib.rcParams["image.cmap"])
+        colours = [cmap(x) for x in np.linspace(0.0, 0.15, len(keys))]
+        for i, key in enumerate(keys.itertuples()):
+            rows = part[
+                part["comparison"].isin(
+                    groups.loc[
+                        (groups["method_a"] == key.method_a)
+                        & (groups["method_b"] == key.method_b)
+                        & (groups["shared"] == key.shared),
+                        "comparison",
+                    ]
+                )
+            ]
+            if not len(rows):
                 continue
-            shared = bool(same_init[comparison])
-            label = f"{group['run_a'].iloc[0]} vs {group['run_b'].iloc[0]}"
-            style = (
-                {"linestyle": ":", "linewidth": 1.0, "markerfacecolor": "white"}
-                if shared
-                else {"linestyle": "-", "linewidth": 1.5}
+            start = "same" if key.shared else "different"
+            label = (
+                f"{method_name(key.method_a)} vs {method_name(key.method_b)}, {start} initial "
+                f"weights ({rows['comparison'].nunique()} pairs: range and mean)"
             )
-            label += " (same initial weights)" if shared else ""
-            line = _curve(
-                ax,
-                axis.positions(group["layer_a"]),
-                group,
-                "value",
-                comparison,
-                color=colour,
-                marker=marker,
-                label=label,
-                zorder=3,
-                **style,
-            )
-            handles.setdefault(label, line)
+            gid = f"pairs-{key.method_a}-{key.method_b}-{start}"
+            hatch, style = ("..", ":") if key.shared else ("||", "-")
+            drawn = _band(ax, axis, rows, colours[i], hatch, label, gid, style)
+            handles.setdefault(label, drawn)
         ax.set_title(panel_title, fontsize=9)
     _title(fig, axes, "Cross-model CKA along the diagonal")
     _finish_curves(
@@ -496,7 +543,7 @@ def draw_cross_diagonal(cross: pd.DataFrame):
         axis_of,
         "CKA(layer, same layer of the other run)",
         handles=[(h, label) for label, h in handles.items()],
-        intervals=_has_intervals(between),
+        intervals=_has_intervals(between) and len(pairs) <= len(MARKERS),  # bars on lines only
         legend="outside lower center",
     )
     return fig
