@@ -121,15 +121,21 @@ def c5b():
 
 
 def test_power_at_five_seeds_for_an_effect_of_c5b_size():
-    """C5b in the demo: SimCLR's invariance at pool about 0.15 above supervised's, runs of one
-    method differing by a few hundredths. Reported, and checked to grow with the seeds."""
-    noise = SETTINGS["demo-like"] | {"run": 0.05}
+    """C5b in the demo: SimCLR's invariance at pool 0.39 above supervised's, the supervised
+    runs' invariance varying from seed to seed by about 0.08 (SimCLR's by 0.02). Reported for
+    that effect and for one of 0.15, and checked to grow with the seeds."""
+    noise = SETTINGS["demo-like"] | {"run": 0.08, "pair": 0.0}
     power = {
-        n: verdict_rates(c5b(), n, noise, 0.15, 600, seed=7).get("agrees", 0.0) for n in (2, 3, 5)
+        effect: {
+            n: verdict_rates(c5b(), n, noise, effect, 600, seed=7).get("agrees", 0.0)
+            for n in (2, 3, 5)
+        }
+        for effect in (0.39, 0.15)
     }
-    print(f"\nC5b power (effect 0.15, run sd 0.05, image sd 0.01): {power}")
-    assert power[2] <= power[3] <= power[5]
-    assert power[5] > 0.8
+    print(f"\nC5b power (run sd 0.08, image sd 0.01), by effect and seeds: {power}")
+    for by_seeds in power.values():
+        assert by_seeds[2] <= by_seeds[3] <= by_seeds[5]
+    assert power[0.39][5] > 0.95
 
 
 def test_todays_rule_would_fail_the_simulation():
