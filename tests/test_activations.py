@@ -239,3 +239,32 @@ def test_snakemake_s_timestamp_in_a_store_is_no_warning(activations, tmp_path):
         warnings.simplefilter("always")
         open_store(marked)
     assert not [w for w in caught if "snakemake_timestamp" in str(w.message)], caught
+
+
+@pytest.mark.parametrize(("examples", "chunk_rows"), [(64, 256), (100, 256), (150, 64)])
+def test_a_selection_of_any_size_reads_with_plain_zarr(
+    trained, prepared, tmp_path, examples, chunk_rows
+):
+    """Fewer examples than a chunk's rows (64 or 100 of 256) or a ragged last chunk (150 = 64
+    + 64 + 22): every array opens and reads with plain zarr, equal to ckaflow's reader. (A
+    64-example store once held 256-row chunks: plain zarr failed.)"""
+    from ckaflow.activations import extract
+
+    names = ["layer1.0.out", "pool"]
+    out = extract(
+        trained["simclr"],
+        prepared,
+        "clean",
+        tmp_path / "s.zarr",
+        batch_size=40,
+        chunk_rows=chunk_rows,
+        layers=names,
+        examples=examples,
+        device="cpu",
+    )
+    group = zarr.open_group(str(out), mode="r")
+    ours = open_store(out)
+    for name in names:
+        plain = group[name][...]
+        assert plain.shape[0] == examples
+        np.testing.assert_array_equal(plain, ours[name][...])

@@ -24,7 +24,7 @@ import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -161,6 +161,10 @@ def extract(
     )
     dev, n, meta, data, view_array = run.device, run.n, run.meta, run.data, run.view
     wanted, forward = run.names, run
+    # a chunk never outgrows its array: Zarr reads an array of n < chunk_rows rows as one chunk
+    # of n rows, so the chunks written must be that size too
+    chunk_rows = min(chunk_rows, n)
+    options = replace(options, chunk_rows=chunk_rows)
     call_hash = stable_hash(
         [
             *(meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted),
