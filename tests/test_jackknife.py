@@ -81,3 +81,17 @@ def test_the_tidy_table_keeps_the_replicates_in_parquet_not_in_csv(tmp_path):
     write_both(table, tmp_path / "cka.parquet")
     assert pd.read_parquet(tmp_path / "cka.parquet")["jackknife"].iloc[0].tolist() == [0.5, 0.25]
     assert "jackknife" not in pd.read_csv(tmp_path / "cka.csv").columns
+
+
+def test_rows_with_replicates_of_different_lengths_are_refused():
+    """Tables merged from different eval sets cannot share one image jackknife: a clear error."""
+    from ckaflow.claims import replicate_matrix
+    from ckaflow.errors import TableError
+
+    table = pd.DataFrame({"value": [0.5, 0.6], "jackknife": [[0.5, 0.4], [0.6, 0.5, 0.7]]})
+    with pytest.raises(TableError, match="different lengths"):
+        replicate_matrix(table)
+    np.testing.assert_array_equal(
+        replicate_matrix(table.assign(jackknife=[[0.4, 0.3], [0.5, 0.7]])),
+        [[0.5, 0.4, 0.3], [0.6, 0.5, 0.7]],
+    )

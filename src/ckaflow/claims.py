@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from ckaflow.config import SUPERVISED, method_name
+from ckaflow.errors import TableError
 from ckaflow.inference import DEFAULT_MARGIN, Effect, Units, infer, verdict
 from ckaflow.tables import SIDE_COLUMNS
 
@@ -134,7 +135,7 @@ def replicate_matrix(table: pd.DataFrame) -> np.ndarray:
         return value
     lengths = {len(j) for j in table["jackknife"]}
     if len(lengths) != 1:
-        raise ValueError(
+        raise TableError(
             f"CKA rows carry jackknife replicates of different lengths {sorted(lengths)}: "
             "they come from different eval sets; rerun the study's tiles"
         )

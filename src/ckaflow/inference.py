@@ -57,7 +57,6 @@ class Effect:
     runs: dict = field(default_factory=dict)  # runs per method taking part
     units: int = 0
     too_few: str = ""  # why the jackknife over runs is not possible
-    detail: str = ""
 
 
 def _difference(hi: Units, lo: Units | None, column=None) -> float:
@@ -67,13 +66,18 @@ def _difference(hi: Units, lo: Units | None, column=None) -> float:
     return value - float(np.mean(pick(lo))) if lo is not None else value
 
 
-def _run_variance(hi: Units, lo: Units | None, method_of: dict) -> tuple[float, str]:
-    """The stratified delete-one-run jackknife variance of the effect; (NaN, why) when a
-    method has too few runs."""
+def _runs_by_method(hi: Units, lo: Units | None, method_of: dict) -> dict[str, list[str]]:
+    """The runs taking part in the effect, by method (sorted)."""
     runs = sorted({r for u in (hi, lo) if u is not None for unit in u.runs for r in unit})
     by_method: dict[str, list[str]] = {}
     for run in runs:
         by_method.setdefault(method_of[run], []).append(run)
+    return dict(sorted(by_method.items()))
+
+
+def _run_variance(by_method: dict, hi: Units, lo: Units | None) -> tuple[float, str]:
+    """The stratified delete-one-run jackknife variance of the effect; (NaN, why) when a
+    method has too few runs."""
     lacking = {m: len(rs) for m, rs in by_method.items() if len(rs) < MIN_RUNS}
     if lacking:
         have = ", ".join(f"{m} {n}" for m, n in sorted(lacking.items()))
@@ -122,17 +126,13 @@ def infer(hi: Units, lo: Units | None, method_of: dict, level: float = LEVEL) ->
     hi, lo = _finite(hi), _finite(lo)
     if not len(hi) or (lo is not None and not len(lo)):
         return Effect()
-    counts: dict[str, set] = {}
-    for u in (hi, lo):
-        for unit in u.runs if u is not None else ():
-            for run in unit:
-                counts.setdefault(method_of[run], set()).add(run)
+    by_method = _runs_by_method(hi, lo, method_of)
     effect = Effect(
         value=_difference(hi, lo),
-        runs={m: len(rs) for m, rs in sorted(counts.items())},
+        runs={m: len(rs) for m, rs in by_method.items()},
         units=len(hi) + (len(lo) if lo is not None else 0),
     )
-    v_runs, effect.too_few = _run_variance(hi, lo, method_of)
+    v_runs, effect.too_few = _run_variance(by_method, hi, lo)
     v_images = _image_variance(hi, lo)
     effect.se_images = float(np.sqrt(v_images))
     if effect.too_few:
