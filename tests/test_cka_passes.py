@@ -263,7 +263,8 @@ def test_one_pass_is_todays_estimator_bit_for_bit(pair):
         for i, rows in enumerate(row_blocks(N, B)):
             t = torch.from_numpy(np.ascontiguousarray(values[rows]))
             t = t - t.mean(0)
-            expected[i] = (t @ t.T).double().numpy()
+            k = (t @ t.T).double().numpy()  # mirrored: a stored Gram keeps its upper triangle
+            expected[i] = np.triu(k) + np.triu(k, 1).T
         np.testing.assert_array_equal(default.grams, expected)
         np.testing.assert_array_equal(seeded.grams, expected)
         assert seeded.partition_key == default.partition_key == (1,)
@@ -355,7 +356,7 @@ def test_gram_store_with_passes_records_its_partition(pass_grams, study_config):
     n = study_config["data"]["eval_size"]  # 160 = 64 + 64 + 32, three times
     assert store.attrs["block_rows"] == [64, 64, 32] * 3
     assert store.attrs["passes"] == 3 and store.attrs["partition_seed"] == 7
-    assert store["stem"].shape == (9, 64, 64)
+    assert store["stem"].shape == (9, 64 * 65 // 2)  # each block's upper triangle
     digest = store.attrs["partition_digest"]
     rows = partition(len(store.attrs["example_ids"]), store.attrs["block_rows"][0], 3, 7)
     assert partition_digest(rows) == digest  # a reader can rebuild every block's rows

@@ -31,8 +31,10 @@ def test_gram_store_keeps_blocks_and_provenance(grams, study_config):
     store = open_gram(grams[("simclr", "clean")])
     n = study_config["data"]["eval_size"]  # 160 = 64 + 64 + 32
     assert store.attrs["block_rows"] == [64, 64, 32]
-    assert store["stem"].shape == (3, 64, 64)
-    assert store["stem"].dtype == np.float64
+    # each block's upper triangle (64 · 65 / 2 values), in float32: the products are float32
+    assert store.attrs["gram_format"] == "upper-triangle"
+    assert store["stem"].shape == (3, 64 * 65 // 2)
+    assert store["stem"].dtype == np.float32
     assert store.attrs["complete"] and store.attrs["code_version"]
     assert sum(store.attrs["block_rows"]) == n
 
@@ -168,14 +170,14 @@ def test_damaged_gram_chunks_are_refused_by_the_streamed_tile(grams, tmp_path):
     shape is named, not turned into NaN or a wrong number."""
     other = _copy(grams, tmp_path)
     layer = open_gram(other).layers[1]["name"]
-    zarr.open_array(other / layer, mode="r+")[2, 5, 7] = np.inf
+    zarr.open_array(other / layer, mode="r+")[2, 70] = np.inf  # block 2, row 1, column 6
     with pytest.raises(StoreError, match=f"layer {layer} has non-finite values in block 2"):
         _tile_against(grams, other, tmp_path, bootstrap=10)
     other = _copy(grams, tmp_path / "shape")
     group = zarr.open_group(other, mode="r+")
     del group[layer]
-    group.create_array(layer, shape=(3, 32, 32), chunks=(1, 32, 32), dtype="float64")[...] = 1.0
-    with pytest.raises(StoreError, match=rf"layer {layer} has shape \(3, 32, 32\), not \(3, 64"):
+    group.create_array(layer, shape=(3, 528), chunks=(1, 528), dtype="float32")[...] = 1.0
+    with pytest.raises(StoreError, match=rf"layer {layer} has shape \(3, 528\), not that of 3 bl"):
         _tile_against(grams, other, tmp_path)
     assert not (tmp_path / "t.parquet").exists()
 

@@ -17,6 +17,7 @@ from typing import Any
 from ckaflow import config as cfg
 from ckaflow.cka.estimators import row_blocks
 from ckaflow.cka.fused import MEMORY_BYTES, _layer_groups
+from ckaflow.cka.gram import packed_length
 from ckaflow.layers import layer_features
 from ckaflow.study import LABELS, Side, Study
 
@@ -65,14 +66,16 @@ def gram_layer_cost(
     (`ckaflow.cka.fused`, `ckaflow.cka.engine.gram_stats`) computes them.
 
     minibatch: 2·m²·d FLOPs per block of m rows, in every pass. Full-data estimators: the n × n
-    Gram from pairs of row chunks, 2·n²·d FLOPs.
+    Gram from pairs of row chunks, 2·n²·d FLOPs. Stored: each block's upper triangle, float32
+    but for the RBF kernel (`ckaflow.cka.gram`).
     """
+    itemsize = 8 if estimator == "rbf" else 4
     if estimator == "minibatch":
         rows = [r.stop - r.start for r in row_blocks(n, batch_size)]
         flops = 2.0 * features * passes * sum(m * m for m in rows)
         size = rows[0] if rows else 0
-        return passes * len(rows), flops, passes * len(rows) * size * size * 8
-    return 1, 2.0 * n * n * features, n * n * 8
+        return passes * len(rows), flops, passes * len(rows) * packed_length(size) * itemsize
+    return 1, 2.0 * n * n * features, packed_length(n) * itemsize
 
 
 def tile_memory(
@@ -274,7 +277,7 @@ def _render_gram(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[st
 def _render_bytes(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[str]:
     dtype = config["activations"]["dtype"]
     lines = [
-        f"bytes per run and view: Gram store (float64) | activations stored ({dtype}, "
+        f"bytes per run and view: Gram store | activations stored ({dtype}, "
         f"{costs.stored_examples if costs.stored_bytes else 0} examples) | every layer's "
         f"activations, were they stored ({costs.examples} examples, before compression):"
     ]

@@ -216,12 +216,23 @@ def _gram_block(a, b) -> np.ndarray:
     return (a @ b.T).double().cpu().numpy()
 
 
+def self_gram(t):
+    """t tᵀ for centred rows t (a torch tensor, on its device, in its precision), exactly
+    symmetric: the upper triangle mirrored. A GEMM need not round (i, j) and (j, i) alike, and
+    a Gram store keeps only the upper triangle (`ckaflow.cka.gram`), so every path that forms a
+    Gram in memory mirrors it the same way and gives the stored bits."""
+    import torch
+
+    g = t @ t.T
+    return torch.triu(g) + torch.triu(g, 1).T
+
+
 def block_gram(values, work: _Workspace) -> np.ndarray:
     """The Gram of one block of rows, centred on the block's own column mean: the one
     definition shared by the store-then-Gram path and the fused stage, so that both give the
     same bits for the same values."""
     t = work.centred(values, None)
-    return _gram_block(t, t)
+    return self_gram(t).double().cpu().numpy()
 
 
 def _check_finite(k: np.ndarray, read, rows: slice, name: str) -> None:
@@ -338,7 +349,7 @@ def _partitioned_grams(
             part = torch.index_select(t, 0, idx, out=gathered[key])
             part -= part.mean(0)
             m = len(idx)
-            grams[i, :m, :m] += _gram_block(part, part)
+            grams[i, :m, :m] += self_gram(part).double().cpu().numpy()
         del t, panel
     if not np.isfinite(grams).all():
         _raise_non_finite(read, n, chunk, name)
@@ -374,7 +385,7 @@ def _streamed_gram(read, rows: slice, chunk: int, work: _Workspace) -> np.ndarra
         ti = work.centred(read(ci), centre, slot=0)
         for cj in chunks[: i + 1]:
             tj = ti if cj == ci else work.centred(read(cj), centre, slot=1)
-            block = _gram_block(ti, tj)
+            block = self_gram(ti).double().cpu().numpy() if cj == ci else _gram_block(ti, tj)
             k[ci, cj] = block
             k[cj, ci] = block.T
     return k

@@ -36,8 +36,15 @@ from ckaflow.cka.engine import (
     gram_stats,
     partition,
     partition_digest,
+    self_gram,
 )
-from ckaflow.cka.gram import GRAM_KIND, check_passes_config
+from ckaflow.cka.gram import (
+    GRAM_FORMAT,
+    GRAM_KIND,
+    check_passes_config,
+    create_gram_array,
+    pack_upper,
+)
 from ckaflow.config import stable_hash
 from ckaflow.errors import StoreError
 from ckaflow.provenance import provenance, replace_into_place
@@ -66,37 +73,44 @@ class _Flusher:
         # chunk files and block size per layer, resolved once (opening an array reads its
         # metadata from disk: more than writing a chunk costs)
         self.paths = {name: ChunkPaths(array) for name, array in arrays.items()}
-        self.size = {name: array.shape[1] for name, array in arrays.items()}
+        self.dtype = {name: array.dtype.newbyteorder("<") for name, array in arrays.items()}
         self.seconds = seconds
         self.max_bytes = max_bytes
         self.pending: dict[str, dict[int, np.ndarray]] = {}
         self.bytes = 0
         self.last = time.monotonic()
 
-    def add(self, name: str, block: int, k: np.ndarray) -> None:
-        self.pending.setdefault(name, {})[block] = k
-        self.bytes += k.nbytes
+    def add(self, name: str, block: int, k: np.ndarray, size: int) -> None:
+        """Block `block`'s m × m Gram of a layer, zero-padded to size × size as GramStats holds
+        a shorter last block, kept packed in the array's dtype (which holds it exactly)."""
+        m = k.shape[0]
+        if m < size:
+            padded = np.zeros((size, size))
+            padded[:m, :m] = k
+            k = padded
+        packed = pack_upper(k)
+        stored = packed.astype(self.dtype[name])
+        if not np.array_equal(stored, packed):  # a float32 store takes float32 products only
+            raise StoreError(f"layer {name}: block {block}'s Gram is not exact in {stored.dtype}")
+        self.pending.setdefault(name, {})[block] = stored
+        self.bytes += stored.nbytes
 
     def maybe_flush(self, units_done: int) -> None:
         if self.bytes >= self.max_bytes or time.monotonic() - self.last >= self.seconds:
             self.flush(units_done)
 
     def flush(self, units_done: int) -> None:
-        """Each block's Gram goes straight into its chunk file as the raw little-endian float64
-        bytes Zarr stores for an uncompressed array (zstd halved the size at ~80 MB/s, a third
-        of the stage's time; Zarr's own write path per chunk costs more than the write)."""
+        """Each block's packed Gram (`ckaflow.cka.gram`: its upper triangle) goes straight into
+        its chunk file as the raw little-endian bytes Zarr stores for an uncompressed array
+        (zstd halved the size at ~80 MB/s, a third of the stage's time; Zarr's own write path
+        per chunk costs more than the write)."""
         for name, blocks in self.pending.items():
-            size = self.size[name]
-            for i, k in blocks.items():
-                m = k.shape[0]
-                if m < size:  # a shorter last block, zero-padded as GramStats holds it
-                    padded = np.zeros((size, size))
-                    padded[:m, :m] = k
-                    k = padded
+            dtype = self.dtype[name]
+            for i, packed in blocks.items():
                 path = self.paths[name](i)
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    path.write_bytes(np.ascontiguousarray(k, dtype="<f8").tobytes())
+                    path.write_bytes(np.ascontiguousarray(packed, dtype=dtype).tobytes())
                 except OSError as err:  # write() errors name no file
                     raise OSError(err.errno, err.strerror, err.filename or str(path)) from err
         self.group.attrs["units_done"] = units_done
@@ -201,7 +215,7 @@ def fused_gram_store(
             seed,
             run.precision,
             run.channels_last,
-            "raw-chunks",  # the chunk format: an older partial store is rebuilt, not continued
+            GRAM_FORMAT,  # the chunk layout: an older partial store is rebuilt, not continued
         ]
     )
     out = Path(out)
@@ -214,17 +228,14 @@ def fused_gram_store(
         log,
         "resuming the Gram stage in {partial} after {done} units",
     )
+    # float32 products (exact in float32) unless the network computes in float64 or the
+    # kernel is the RBF's (ckaflow.cka.gram.storage_dtype)
+    wide = estimator == "rbf" or any(probe[name].dtype == torch.float64 for name in names)
+    dtype = "float64" if wide else "float32"
     arrays = dict(group.arrays())  # those of a resumed store, then the missing ones
     for name in names:
         if name not in arrays:
-            arrays[name] = group.create_array(
-                name,
-                shape=(len(blocks), size, size),
-                chunks=(1, size, size),
-                dtype="float64",
-                compressors=None,  # raw chunks, written by _Flusher
-                config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
-            )
+            arrays[name] = create_gram_array(group, name, len(blocks), size, dtype)
     arrays = {name: arrays[name] for name in names}
     flusher = _Flusher(group, arrays, flush_s, flush_bytes)
     work = _Workspace(dev)
@@ -239,7 +250,7 @@ def fused_gram_store(
                 # device until the block is done (one transfer per block)
                 with torch.autocast(dev.type, enabled=False):
                     t = work.centred(tensor, None)
-                    grams[name] = t @ t.T
+                    grams[name] = self_gram(t)
 
             with record_layers(net, names, sink=sink):
                 for i in range(done, len(blocks)):
@@ -248,7 +259,7 @@ def fused_gram_store(
                     for name, k in zip(names, stacked.double().cpu().numpy(), strict=True):
                         if not np.isfinite(k).all():
                             raise _non_finite(name, where, blocks[i])
-                        flusher.add(name, i, k)
+                        flusher.add(name, i, k, size)
                     flusher.maybe_flush(i + 1)
                     if time.monotonic() - last_log >= 30:
                         rate = (i + 1 - done) * size / (time.monotonic() - t0)
@@ -275,7 +286,7 @@ def fused_gram_store(
                         device=str(dev),
                         name=f"{where} layer {name}",
                     )
-                    flusher.add(name, 0, s.grams[0])
+                    flusher.add(name, 0, s.grams[0], size)
                 flusher.flush(g + 1)
                 log(f"layer group {g + 1}/{len(groups)} done")
 
@@ -283,6 +294,7 @@ def fused_gram_store(
     group.update_attributes(  # one write of the store's metadata
         provenance(
             kind=GRAM_KIND,
+            gram_format=GRAM_FORMAT,
             estimator=estimator,
             block_rows=list(block_rows),
             passes=passes,

@@ -7,11 +7,19 @@ Every CKA pair is later computed from these, never from the activations again. A
 (block i belongs to pass i // (len(block_rows) / passes)) and
 `ckaflow.cka.engine.partition(len(example_ids), block_rows[0], passes, partition_seed)` gives the
 rows of each block (its hash is `partition_digest`; a tile refuses two sides whose digests differ).
+
+Layout (`gram_format: upper-triangle`): each block's Gram is symmetric, so chunk i of a layer's
+(blocks, b(b+1)/2) array holds the upper triangle of block i, row by row (`numpy.triu_indices`),
+zero-padded for a shorter last block; float32 where every value is a float32 product (the
+minibatch, linear and debiased estimators on float32 activations: exact), float64 otherwise
+(rbf, float64 input). A quarter of the full float64 matrix, and the same numbers. A store from
+before this layout (no `gram_format`; (blocks, b, b) float64 arrays) is read as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +40,70 @@ from ckaflow.provenance import atomic_path, provenance
 from ckaflow.store import open_store
 
 GRAM_KIND = "ckaflow.gram"
+GRAM_FORMAT = "upper-triangle"
+
+
+def packed_length(size: int) -> int:
+    """Values in the upper triangle (diagonal included) of a size × size matrix."""
+    return size * (size + 1) // 2
+
+
+@lru_cache(maxsize=8)
+def _triangle(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the upper triangle, row by row, and of the same entries mirrored."""
+    rows, cols = np.triu_indices(size)
+    return rows * size + cols, cols * size + rows
+
+
+def pack_upper(k: np.ndarray) -> np.ndarray:
+    """The upper triangle of each trailing size × size matrix of k, row by row."""
+    size = k.shape[-1]
+    return k.reshape(*k.shape[:-2], size * size)[..., _triangle(size)[0]]
+
+
+def unpack_upper(packed: np.ndarray, size: int) -> np.ndarray:
+    """The symmetric float64 matrices whose upper triangles `pack_upper` gave."""
+    upper, lower = _triangle(size)
+    out = np.empty((*packed.shape[:-1], size * size))
+    out[..., upper] = packed
+    out[..., lower] = packed
+    return out.reshape(*packed.shape[:-1], size, size)
+
+
+def storage_dtype(grams: np.ndarray, estimator: str) -> str:
+    """float32 when every value is one exactly (float32 products), else float64: never a bit
+    lost. The RBF kernel is computed in float64."""
+    if estimator == "rbf":
+        return "float64"
+    return "float32" if np.array_equal(grams.astype(np.float32), grams) else "float64"
+
+
+def create_gram_array(group: zarr.Group, name: str, blocks: int, size: int, dtype: str):
+    """A layer's array: one chunk per block, raw (zstd only halved them; the fused stage writes
+    the chunk files itself, `ckaflow.cka.fused`), every chunk on disk (see check_chunks)."""
+    return group.create_array(
+        name,
+        shape=(blocks, packed_length(size)),
+        chunks=(1, packed_length(size)),
+        dtype=dtype,
+        compressors=None,
+        config={"write_empty_chunks": True},
+    )
+
+
+def read_block(array, i: int) -> np.ndarray:
+    """Block i of a stored layer as its full float64 Gram (either layout)."""
+    chunk = np.asarray(array[i])
+    if chunk.ndim == 2:  # the full-matrix layout of older stores
+        return chunk.astype(np.float64, copy=False)
+    return unpack_upper(chunk, _size(chunk.shape[-1]))
+
+
+def _size(length: int) -> int:
+    size = int((np.sqrt(8 * length + 1) - 1) / 2)
+    if packed_length(size) != length:
+        raise StoreError(f"{length} stored values are no upper triangle of a square matrix")
+    return size
 
 
 def _stats(
@@ -71,20 +143,16 @@ def write_gram_store(
         for name, s in pairs:
             if first is None:
                 first = s
-            arr = group.create_array(
-                name,
-                shape=s.grams.shape,
-                chunks=(1, *s.grams.shape[1:]),
-                dtype="float64",
-                compressors=None,  # as the fused stage writes them (zstd only halved them)
-                config={"write_empty_chunks": True},  # every chunk on disk: see check_chunks
-            )
-            arr[...] = s.grams
+            blocks, size = s.grams.shape[:2]
+            dtype = storage_dtype(s.grams, s.estimator)
+            arr = create_gram_array(group, name, blocks, size, dtype)
+            arr[...] = pack_upper(s.grams).astype(dtype)
         if first is None:
             raise StoreError(f"{out}: no layers to write")
         group.attrs.update(
             provenance(
                 kind=GRAM_KIND,
+                gram_format=GRAM_FORMAT,
                 estimator=first.estimator,
                 block_rows=list(first.block_rows),
                 passes=first.passes,
@@ -177,6 +245,27 @@ def _layout(store) -> tuple[tuple[int, ...], int]:
     return block_rows, passes
 
 
+def _check_shape(store, name: str, block_rows: tuple[int, ...]) -> zarr.Array:
+    """A layer's array, refused unless it holds one b × b Gram per block (either layout)."""
+    array = store[name]
+    size = max(block_rows)
+    shapes = {(len(block_rows), packed_length(size)), (len(block_rows), size, size)}
+    if tuple(array.shape) not in shapes:
+        raise StoreError(
+            f"{store.path}: layer {name} has shape {tuple(array.shape)}, not that of "
+            f"{len(block_rows)} blocks of {size} rows; the store is damaged: delete it and rerun "
+            "the gram stage"
+        )
+    return array
+
+
+def _all_blocks(store, name: str, block_rows: tuple[int, ...]) -> np.ndarray:
+    stored = np.asarray(_check_shape(store, name, block_rows)[...])
+    if stored.ndim == 3:  # the full-matrix layout of older stores
+        return stored.astype(np.float64, copy=False)
+    return unpack_upper(stored, max(block_rows))
+
+
 def load_stats(store, names: list[str]) -> list[GramStats]:
     """GramStats of the named layers of an opened Gram store (one that predates passes had
     one pass)."""
@@ -185,7 +274,7 @@ def load_stats(store, names: list[str]) -> list[GramStats]:
     return [
         GramStats(
             attrs["estimator"],
-            np.asarray(store[name][...]),
+            _all_blocks(store, name, block_rows),
             block_rows,
             f"{store.path} layer {name}",
             passes=passes,
@@ -210,21 +299,13 @@ def stream_block_hsics(store_a, names_a: list[str], store_b, names_b: list[str])
     """
     block_rows, passes = _layout(store_a)
     estimator = store_a.attrs["estimator"]
-    size = max(block_rows)
     arrays = {}
     for store, names in ((store_a, names_a), (store_b, names_b)):
         for name in names:
             key = (str(Path(store.path).resolve()), name)
             if key in arrays:
                 continue
-            array = store[name]
-            if tuple(array.shape) != (len(block_rows), size, size):
-                raise StoreError(
-                    f"{store.path}: layer {name} has shape {tuple(array.shape)}, not "
-                    f"{(len(block_rows), size, size)} for its {len(block_rows)} blocks of "
-                    f"{size} rows; the store is damaged: delete it and rerun the gram stage"
-                )
-            arrays[key] = array
+            arrays[key] = _check_shape(store, name, block_rows)
     keys_a = [(str(Path(store_a.path).resolve()), name) for name in names_a]
     keys_b = [(str(Path(store_b.path).resolve()), name) for name in names_b]
     cross = np.empty((len(block_rows), len(names_a), len(names_b)))
@@ -233,7 +314,7 @@ def stream_block_hsics(store_a, names_a: list[str], store_b, names_b: list[str])
     shared = {key: keys_a.index(key) for key in keys_b if key in keys_a}
 
     def vector(key, i: int, m: int) -> np.ndarray:
-        k = np.asarray(arrays[key][i])[:m, :m]  # chunk i: one block's Gram
+        k = read_block(arrays[key], i)[:m, :m]  # chunk i: one block's Gram
         if not np.isfinite(k).all():
             raise StoreError(
                 f"{key[0]}: layer {key[1]} has non-finite values in block {i}; the store is "
