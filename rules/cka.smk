@@ -35,19 +35,20 @@ rule gram_labels:
         "ckaflow gram --labels --source {input} --out {output} --spec {params.spec} > {log} 2>&1"
 
 
-rule cka_tile:
-    """CKA of one tile of layer pairs of one comparison, from the two sides' Gram stores."""
+rule cka:
+    """CKA of every layer pair of every comparison, each Gram store read once (a SLURM job with
+    the slurm backend). Each comparison's table is kept under its inputs' identity, so a rerun
+    computes only the comparisons whose stores or settings changed."""
     input:
-        a=lambda w: STUDY.gram(STUDY.comparisons[w.comparison].a),
-        b=lambda w: STUDY.gram(STUDY.comparisons[w.comparison].b),
+        STUDY.gram_stores(),
     output:
-        STUDY.tile_path(),
+        STUDY.cka_pairs(),
     params:
-        spec=lambda w: spec(STUDY.tile_spec(STUDY.tile(w.comparison, w.tile))),
+        spec=spec(STUDY.cka_spec()),
+    threads: 2
     log:
-        STUDY.log("cka", "{comparison}.{tile}"),
+        STUDY.log("cka", "pairs"),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow tile --comparison {wildcards.comparison} --a {input.a} --b {input.b}"
-        " --spec {params.spec} --out {output} > {log} 2>&1"
+        "ckaflow cka --spec {params.spec} --out {output} --threads {threads} > {log} 2>&1"

@@ -1,7 +1,8 @@
 rule merge_tables:
-    """All tiles into one tidy table: one row per compared layer pair."""
+    """The CKA job's pairs into the tidy table: one row per compared layer pair, checked and
+    stamped with the config hash."""
     input:
-        [STUDY.tile_path(t) for t in STUDY.all_tiles()],
+        STUDY.cka_pairs(),
     output:
         parquet=STUDY.table("cka"),
         csv=STUDY.table("cka", "csv"),

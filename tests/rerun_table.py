@@ -17,19 +17,17 @@ from typing import Any
 
 from ckaflow.config import load_schema
 
-# The tiny study: 2 runs (simclr and supervised, seed 0) x 3 views; 27 compared layers, tiles
-# of 16: 4 tiles per run-vs-run comparison, 2 against the labels; per run 3 within + 2
-# invariance + 1 class comparisons (22 tiles), and 1 cross comparison (4 tiles).
-TILES_PER_RUN = 3 * 4 + 2 * 4 + 2
-TILES_CROSS = 4
-TILES = 2 * TILES_PER_RUN + TILES_CROSS
+# The tiny study: 2 runs (simclr and supervised, seed 0) x 3 views. One CKA job computes every
+# comparison; it reruns whenever any comparison's inputs or settings change, and then computes
+# only the comparisons whose stores or settings changed, taking the rest from its cache
+# (`ckaflow.cka.comparisons`; tests/test_workflow.py checks what it computed).
 REPORT = {"merge_tables": 1, "figures": 1, "summary": 1}
 ONE_METHOD = {
     "train": 1,
     "evaluate": 1,
     "extract": 3,
     "gram": 3,
-    "cka_tile": TILES_PER_RUN + TILES_CROSS,
+    "cka": 1,
     "run_tables": 1,
     **REPORT,
 }
@@ -38,12 +36,12 @@ EVERY_RUN = {
     "evaluate": 2,
     "extract": 6,
     "gram": 6,
-    "cka_tile": TILES,
+    "cka": 1,
     "run_tables": 1,
     **REPORT,
 }
 EVERYTHING = {"prepare_data": 1, "gram_labels": 1, **EVERY_RUN}
-GRAM_ONWARD = {"gram": 6, "gram_labels": 1, "cka_tile": TILES, **REPORT}
+GRAM_ONWARD = {"gram": 6, "gram_labels": 1, "cka": 1, **REPORT}
 NOTHING: dict[str, int] = {}
 
 # (patterns, jobs, what the README says). Order matters: the first matching row wins.
@@ -70,7 +68,7 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
     (
         ("model.init",),
         EVERY_RUN,
-        "every run onward: training, probes, Gram statistics, tiles, tables, figures",
+        "every run onward: training, probes, Gram statistics, CKA, tables, figures",
     ),
     (
         ("model.width",),
@@ -79,21 +77,20 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
     ),
     (
         ("model.arch",),
-        # resnet34: 16 blocks, 52 compared layers, so 4 x 4 tiles per run-vs-run comparison
-        # and 4 x 1 against the labels: per run 5 x 16 + 4, and 16 for the cross comparison
-        {**EVERY_RUN, "cka_tile": 2 * (5 * 16 + 4) + 16},
-        "every run onward, under new run names (the tiles follow the new layer count)",
+        {**EVERY_RUN, "cka": 1},
+        "every run onward, under new run names",
     ),
     (
         ("methods",),
-        {"run_tables": 1, **REPORT},
-        "removing a method: only the tables, figures and summary",
+        {"run_tables": 1, "cka": 1, **REPORT},
+        "removing a method: the tables, figures and summary (the CKA job takes every remaining "
+        "comparison from its cache)",
     ),
     (
         ("seeds",),
         {
             **{k: 2 * v for k, v in ONE_METHOD.items() if k not in ("run_tables", *REPORT)},
-            "cka_tile": 2 * TILES_PER_RUN + 5 * TILES_CROSS,
+            "cka": 1,
             "run_tables": 1,
             **REPORT,
         },
@@ -106,7 +103,7 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
             "evaluate": 1,
             "extract": 3,
             "gram": 3,
-            "cka_tile": TILES_PER_RUN + 2 * TILES_CROSS,
+            "cka": 1,
             "run_tables": 1,
             **REPORT,
         },
@@ -127,23 +124,23 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
     ),
     (
         ("activations.precision", "activations.channels_last"),
-        {"extract": 6, "gram": 6, "cka_tile": TILES, **REPORT},
+        {"extract": 6, "gram": 6, "cka": 1, **REPORT},
         "the forward pass's numbers: stored activations, Gram statistics onward",
     ),
     (
         ("activations.layers.kinds",),  # every kind but fc: only the supervised run has one
-        {"gram": 3, "cka_tile": TILES_PER_RUN + TILES_CROSS, **REPORT},
+        {"gram": 3, "cka": 1, **REPORT},
         "the compared layers: the Gram statistics of the runs whose layers change, onward (the "
         "stored activations only where their selection changes)",
     ),
     (
         ("activations.layers.names",),  # layer1.* and pool: 7 layers, one tile each
-        {"extract": 6, "gram": 6, "cka_tile": 2 * 6 + 1, **REPORT},
+        {"extract": 6, "gram": 6, "cka": 1, **REPORT},
         "the compared layers: Gram statistics onward, and the stored selection within them",
     ),
     (
         ("activations.examples",),
-        {"extract": 6, "gram": 6, "gram_labels": 1, "cka_tile": TILES, **REPORT},
+        {"extract": 6, "gram": 6, "gram_labels": 1, "cka": 1, **REPORT},
         "the compared examples: Gram statistics (labels too) onward",
     ),
     (
@@ -151,9 +148,18 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
         GRAM_ONWARD,
         "Gram statistics onward (never the data store, training or probes)",
     ),
-    (("cka.bootstrap",), {"cka_tile": TILES, **REPORT}, "the tiles onward"),
-    (("cka.tile_layers",), {"cka_tile": TILES, **REPORT}, "the tiles (cut anew) onward"),
-    (("cka.comparisons",), {**REPORT}, "removing a comparison kind: tables, figures, summary"),
+    (("cka.bootstrap",), {"cka": 1, **REPORT}, "CKA onward"),
+    (
+        ("cka.tile_layers",),
+        {"cka": 1, **REPORT},
+        "the CKA job onward, which takes every comparison from its cache (no number changes)",
+    ),
+    (
+        ("cka.comparisons",),
+        {"cka": 1, **REPORT},
+        "removing a comparison kind: tables, figures, summary (the CKA job takes the remaining "
+        "comparisons from its cache)",
+    ),
     (("plots.*",), {"figures": 1}, "the figures only"),
     (("claims.*",), {"summary": 1}, "the summary and the claims table only"),
 ]

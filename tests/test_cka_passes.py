@@ -25,10 +25,10 @@ from ckaflow.cka.engine import (
 )
 from ckaflow.cka.estimators import gram_linear, hsic_unbiased, linear_cka, row_blocks, u_center
 from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
-from ckaflow.cka.tiles import compute_tile
 from ckaflow.data import open_prepared
-from ckaflow.errors import ConfigError, TileError
+from ckaflow.errors import ComparisonError, ConfigError
 from ckaflow.store import open_store
+from tests.cka_stage import compute_tile
 from tests.test_cka import ref_hsic1
 from tests.tolerances import cka_atol
 
@@ -524,16 +524,18 @@ def test_passes_with_a_full_data_estimator_is_refused(pair, tmp_path):
 
 def test_stores_with_other_passes_or_seed_are_refused_by_the_tile(pass_grams, tmp_path):
     simclr = ("simclr", "clean")
-    with pytest.raises(TileError, match="different passes or permutations"):
+    with pytest.raises(ComparisonError, match="different passes or permutations"):
         _tile(pass_grams, simclr, "seed8", range(0, 1), range(0, 1), tmp_path)
-    with pytest.raises(TileError, match="different passes or permutations"):  # 2 passes, not 3
+    with pytest.raises(
+        ComparisonError, match="different passes or permutations"
+    ):  # 2 passes, not 3
         _tile(pass_grams, simclr, "two", range(0, 1), range(0, 1), tmp_path)
     # the same seed but another partition (another NumPy's permutations, say): refused too
     other = tmp_path / "other.zarr"
     shutil.copytree(pass_grams[("supervised", "clean")], other)
     zarr.open_group(other, mode="r+").attrs["partition_digest"] = "0" * 16
     pass_grams = {**pass_grams, "other": other}
-    with pytest.raises(TileError, match="different passes or permutations"):
+    with pytest.raises(ComparisonError, match="different passes or permutations"):
         _tile(pass_grams, simclr, "other", range(0, 1), range(0, 1), tmp_path)
     assert not list(tmp_path.glob("*.parquet"))
 

@@ -25,7 +25,7 @@ def test_help_lists_every_stage():
     listed = set(re.findall(r"\{([a-z,-]+)\}", out))  # argparse's {a,b,...} of subcommands
     assert len(listed) == 1  # the same list in the usage and under "positional arguments"
     assert set(listed.pop().split(",")) == {
-        *("prepare", "import", "train", "evaluate", "run-tables", "extract", "gram", "tile"),
+        *("prepare", "import", "train", "evaluate", "run-tables", "extract", "gram", "cka"),
         "merge",
         *("plot", "summarize", "plan", "inspect"),
     }
@@ -39,7 +39,7 @@ def test_every_list_of_choices_is_the_schema_s():
     from ckaflow.train.loop import METHODS
 
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
-    for command in ("gram", "tile"):
+    for command in ("gram", "cka"):
         option = next(a for a in sub[command]._actions if a.dest == "estimator")
         assert tuple(option.choices) == schema_enum("cka.estimator")
     assert (

@@ -79,7 +79,7 @@ def test_slurm_defaults_are_the_schema_s():
     says (1 GPU, 1,440 minutes), as does one built from a validated config."""
     from ckaflow.launch import STAGES, SlurmSpec
 
-    assert STAGES == ("train", "evaluate", "extract", "gram")
+    assert STAGES == ("train", "evaluate", "extract", "gram", "cka")
     bare = SlurmSpec()
     assert (bare.gpus, bare.time_min, bare.cpus, bare.mem_gb) == (1, 1440, 8, 32)
     assert (bare.poll_s, bare.query_timeout_s, bare.signal_delay_s) == (5, 120, 120)

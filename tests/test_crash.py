@@ -353,10 +353,10 @@ def grams(activations, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.crash
-def test_tile_and_merge_killed_at_random_points(grams, tmp_path):
+def test_cka_and_merge_killed_at_random_points(grams, tmp_path):
     def tile_cmd(out, rows="0:28", cols="0:27"):
         return ckaflow(
-            "tile", "--comparison", "cross-x", "--kind", "cross", "--a", grams["simclr"],
+            "cka", "--comparison", "cross-x", "--kind", "cross", "--a", grams["simclr"],
             "--b", grams["supervised"], "--rows", rows, "--cols", cols,
             "--estimator", "minibatch", "--bootstrap", 2000, "--out", out / f"{rows}.parquet",
         )  # fmt: skip
@@ -364,7 +364,7 @@ def test_tile_and_merge_killed_at_random_points(grams, tmp_path):
     def read_tile(out):
         return pd.read_parquet(out / "0:28.parquet") if (out / "0:28.parquet").exists() else None
 
-    crash_and_resume("tile", tile_cmd, read_tile, _same_table, tmp_path / "t")
+    crash_and_resume("cka", tile_cmd, read_tile, _same_table, tmp_path / "t")
 
     tiles = tmp_path / "tiles"
     for rows in ("0:14", "14:28"):

@@ -17,7 +17,7 @@ from ckaflow.cka.gram import (
     unpack_upper,
     write_gram_store,
 )
-from ckaflow.cka.tiles import compute_tile
+from tests.cka_stage import compute_tile
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import zarr
 from ckaflow import cka
 from ckaflow.cka.engine import partition
 from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
-from ckaflow.cka.tiles import compute_tile
 from ckaflow.data import open_prepared
-from ckaflow.errors import StoreError, TileError
+from ckaflow.errors import ComparisonError, StoreError
 from ckaflow.store import open_store
 from ckaflow.tables import COLUMNS
+from tests.cka_stage import compute_tile
 from tests.tolerances import cka_atol
 
 
@@ -101,7 +101,7 @@ def _refused_against_edited_copy(grams, tmp_path, edit, match):
     other = tmp_path / "other.zarr"
     shutil.copytree(grams[("simclr", "aug1")], other)
     edit(zarr.open_group(other, mode="r+").attrs)
-    with pytest.raises(TileError, match=match):
+    with pytest.raises(ComparisonError, match=match):
         compute_tile(
             "x",
             "cross",
@@ -140,7 +140,9 @@ def test_gram_store_of_another_estimator_is_refused(grams, tmp_path):
     def relabel(attrs):
         attrs["estimator"] = "linear"
 
-    _refused_against_edited_copy(grams, tmp_path, relabel, "hold minibatch/linear statistics")
+    _refused_against_edited_copy(
+        grams, tmp_path, relabel, "holds linear statistics, but the CKA stage asks for minibatch"
+    )
 
 
 def _copy(grams, tmp_path):

@@ -71,10 +71,10 @@ def test_paper_config_plan():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     jobs = _section(out, "jobs per stage:")
-    assert _fields(jobs, "cka_tile") == ["423"]  # 51 comparisons, at most 3 x 3 tiles each
+    assert _fields(jobs, "cka") == ["(every", "comparison,", "one", "job)", "1"]
     assert _fields(jobs, "gram") == ["(fused", "forward", "pass)", "19"]  # 18 runs x views, labels
     assert _fields(jobs, "extract") == ["(stored", "activations)", "18"]
-    assert _fields(jobs, "total") == ["477"]
+    assert _fields(jobs, "total") == ["55"]
     costs = study_costs(config.load(PAPER))
     gram = _section(out, "Gram statistics")
     assert gram[0] == (
@@ -85,11 +85,24 @@ def test_paper_config_plan():
     # every pass forwards every example: 10 x 10,000 x 18 run-views x 2.6 GFLOP
     assert costs.gram_forward_flops == 10 * 10_000 * 3 * sum(costs.forward_flops.values())
     assert _fields(gram, "forward")[:3] == ["passes", "4.7", "PFLOP"]
-    # a tile streams over the blocks: one U-centred 256² block of each of 32 + 32 layers (and 4
-    # blocks of working space), 400 blocks of per-block HSIC terms, 200 bootstrap replicates
-    assert _fields(gram, "one") == ["CKA", "tile", "in", "memory", "40.8", "MB"]
-    pairs = 32 * 32
-    assert costs.tile_bytes == (64 + 4) * 256**2 * 8 + 400 * (pairs + 64) * 8 + 200 * pairs * 8
+    # one CKA job: every comparison, each Gram store read once (the tiles of 32 x 32 layers it
+    # replaces read 3.91 TB, 15.3 times the stores)
+    job = _section(out, "CKA, one job")
+    assert _fields(job, "comparisons") == ["51"]
+    assert costs.cka_job.read_bytes == sum(costs.gram_store_bytes.values())
+    assert _fields(job, "bytes")[1:] == ["64.0", "GB", "=", "1.00x", "the", "Gram", "stores"]
+    # streamed: one U-centred 256² block of each of the 19 stores' layers (and 4 blocks of
+    # working space), 400 blocks of per-block HSIC terms of every comparison, and one
+    # comparison's 200 bootstrap replicates and 400 jackknife blocks at a time
+    study = Study(config.load(PAPER))
+    pairs = [(len(study.layers(c.a)), len(study.layers(c.b))) for c in study.comparisons.values()]
+    layers = sum(len(study.layers(side)) for side in study.sides())
+    terms = sum(la * lb + la + lb for la, lb in pairs)
+    widest = max(la * lb for la, lb in pairs)
+    assert costs.cka_job.memory_bytes == (
+        (layers + 4) * 256**2 * 8 + 400 * terms * 8 + (200 + 400) * widest * 8
+    )
+    assert _fields(job, "peak") == ["memory", "1.3", "GB"]
     size = _section(out, "bytes per run and view")
     # a Gram store: 400 blocks x the upper triangle of 256² (32,896 values) x 4 bytes = 52.6 MB
     # per layer, a quarter of the full float64 matrices (209.7 MB); the labels are one layer
@@ -125,20 +138,26 @@ def test_gram_costs_scale_with_passes():
     for key, size in one.gram_store_bytes.items():
         assert four.gram_store_bytes[key] == 4 * size
     assert ("labels", "labels") in one.gram_store_bytes  # the class comparison's labels store
-    # a streamed tile holds one block per layer whatever the passes; only its per-block HSIC
-    # terms (8 x 8 pairs and 8 + 8 self terms) grow with the blocks
-    assert four.tile_bytes - one.tile_bytes == (12 - 3) * (8 * 8 + 16) * 8
+    # the streamed CKA job holds one block per layer whatever the passes; only its per-block
+    # HSIC terms of every comparison and one comparison's jackknife grow with the blocks
+    study = Study(tiny_config())
+    pairs = [(len(study.layers(c.a)), len(study.layers(c.b))) for c in study.comparisons.values()]
+    terms = sum(la * lb + la + lb for la, lb in pairs)
+    widest = max(la * lb for la, lb in pairs)
+    growth = four.cka_job.memory_bytes - one.cka_job.memory_bytes
+    assert growth == (12 - 3) * (terms + widest) * 8
     # the fused stage forwards every example once per pass
     assert four.gram_forward_flops == 4 * one.gram_forward_flops > 0
 
 
-def test_tile_memory_of_the_full_data_estimators_is_their_loaded_layers():
-    """linear/debiased/rbf: one n × n Gram per layer, loaded whole as before streaming."""
-    from ckaflow.plan import tile_memory
+def test_cka_memory_of_the_full_data_estimators_is_their_loaded_layers():
+    """linear/debiased/rbf: one n × n Gram per layer, tile_layers per side loaded whole."""
+    from ckaflow.plan import cka_job_memory
 
     linear = study_costs(tiny_config(cka={"estimator": "linear"}))
-    assert linear.tile_bytes == 3 * (8 + 8) * 160 * 160 * 8
-    assert tile_memory("rbf", 32, 32, 1, 10_000, 200) == 3 * 64 * 10_000**2 * 8  # 153.6 GB
+    assert linear.cka_job.memory_bytes == 3 * (8 + 8) * 160 * 160 * 8  # tile_layers 8
+    rbf = cka_job_memory("rbf", 68, [(68, 68)], 1, 10_000, 200, 32)
+    assert rbf == 3 * 64 * 10_000**2 * 8  # 153.6 GB
 
 
 def test_full_data_estimators_forward_once_per_layer_group():

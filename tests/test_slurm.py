@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -362,6 +363,7 @@ def test_tiny_pipeline_on_slurm_end_to_end(cluster, tmp_path):
         for view in ("clean", "aug1", "aug2"):
             expected.append(f"ckaflow-extract:activations/{run}/{view}.zarr")
             expected.append(f"ckaflow-gram:gram/{run}/{view}.zarr")
+    expected.append("ckaflow-cka:cka/pairs.parquet")  # CKA on a compute node too
     jobs = sacct_jobs(since, lambda j: j["name"].isin(expected).sum() >= len(expected))
     mine = jobs[jobs["name"].isin(expected)]
     assert sorted(mine["name"]) == sorted(expected), jobs  # every heavy stage: one job each
@@ -496,3 +498,103 @@ def test_a_restart_with_another_recipe_cancels_the_old_job_first(cluster, slow_d
     meta = torch.load(out_dir / "model.pt", weights_only=True)["meta"]
     assert meta["run_spec"]["recipe"]["epochs"] == 3
     assert pd.read_parquet(out_dir / "metrics.parquet")["epoch"].tolist() == [1, 2, 3]
+
+
+# -- the CKA job -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cka_stores(activations, tmp_path_factory) -> dict[str, str]:
+    from ckaflow.cka.gram import gram_store
+
+    root = tmp_path_factory.mktemp("cka-stores")
+    return {
+        m: str(gram_store(activations[(m, "clean")], root / f"{m}.zarr", "minibatch", 64))
+        for m in ("simclr", "supervised")
+    }
+
+
+def _cka_command(stores: dict[str, str], copies: int) -> list[str]:
+    """`ckaflow cka` as the workflow calls it, on the SLURM backend: `copies` comparisons of
+    the two stores, each with 20,000 bootstrap replicates, so that the job runs for a while."""
+    comparisons = [
+        {"id": f"cross-{i}", "kind": "cross", "a": stores["simclr"], "b": stores["supervised"]}
+        for i in range(copies)
+    ]
+    spec = {"comparisons": comparisons, "estimator": "minibatch", "bootstrap": 20_000}
+    spec |= {"seed": 0, "tile_layers": 16, "cache": "results/cka/comparisons"}
+    slurm = {
+        "partition": "debug",
+        "poll_s": 0.5,
+        "query_timeout_s": 30,
+        "cka": {"gpus": 0, "cpus": 1, "mem_gb": 2, "time_min": 10},
+    }
+    return [
+        str(REPO / ".venv" / "bin" / "ckaflow"),
+        *("cka", "--backend", "slurm", "--slurm", json.dumps(slurm)),
+        *("--spec", json.dumps(spec), "--out", "results/cka/pairs.parquet"),
+    ]
+
+
+def _start(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+@pytest.mark.timeout(400)
+def test_the_cka_job_reattaches_after_its_waiter_dies_and_reruns_after_a_kill(
+    cluster, cka_stores, tmp_path
+):
+    """The CKA stage is a SLURM job like the heavy stages: a restart reattaches to the running
+    job (one job in `sacct`); a job killed by the scheduler fails the stage, naming the job, and
+    the rerun submits anew and finishes, keeping the comparisons the killed job completed."""
+    since = _since()
+    record = tmp_path / "results" / ".slurm" / "records" / "results__cka__pairs.parquet.json"
+    name = "ckaflow-cka:cka/pairs.parquet"
+    cmd = _cka_command(cka_stores, copies=40)
+
+    first = _start(cmd, tmp_path)
+    _wait_for(
+        lambda: (
+            record.exists() and job_state(json.loads(record.read_text())["job_id"], 10) == "RUNNING"
+        ),
+        120,
+        "the CKA job to run",
+    )
+    first.kill()  # the waiter (Snakemake's shell) dies; the job goes on
+    first.wait(30)
+    job_id = json.loads(record.read_text())["job_id"]
+    second = _start(cmd, tmp_path)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out[-3000:]
+    assert f"SLURM job {job_id} (" in out and "instead of submitting a new one" in out, out
+    jobs = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
+    assert jobs["id"].tolist() == [job_id]
+    done = pd.read_parquet(tmp_path / "results" / "cka" / "pairs.parquet")
+    assert len(done) == 40 * 28 * 27 and set(done["bootstrap"]) == {20_000}  # 28 x 27 layers
+
+    # killed by the scheduler: the stage fails clearly; the rerun completes the rest
+    shutil.rmtree(tmp_path / "results")
+    third = _start(cmd, tmp_path)
+    _wait_for(
+        lambda: any((tmp_path / "results" / "cka" / "comparisons").glob("*/*.parquet")),
+        240,
+        "the CKA job to finish a comparison",
+    )
+    killed = json.loads(record.read_text())["job_id"]
+    subprocess.run(["scancel", "--signal=KILL", killed], check=True, timeout=30)
+    out, _ = third.communicate(timeout=120)
+    assert third.returncode != 0 and killed in out, out[-3000:]
+    kept = len(list((tmp_path / "results" / "cka" / "comparisons").glob("*/*.parquet")))
+    assert 1 <= kept < 40
+    fourth = _start(cmd, tmp_path)
+    out, _ = fourth.communicate(timeout=300)
+    assert fourth.returncode == 0, out[-3000:]
+    assert f"40 comparisons ({40 - kept} computed, {kept} unchanged)" in out, out[-3000:]
+    again = pd.read_parquet(tmp_path / "results" / "cka" / "pairs.parquet")
+    key = ["comparison", "layer_a", "layer_b"]
+    pd.testing.assert_frame_equal(
+        again.sort_values(key, ignore_index=True).drop(columns="code_version"),
+        done.sort_values(key, ignore_index=True).drop(columns="code_version"),
+    )

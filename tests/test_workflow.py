@@ -1,5 +1,6 @@
 """The real Snakemake workflow, end to end, on a tiny study of real Fashion-MNIST images."""
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ckaflow.cka.gram import open_gram
 from ckaflow.tables import COLUMNS
 from tests.conftest import ENV, REPO, snakemake_cmd
 
@@ -243,24 +245,17 @@ def test_adding_a_seed_computes_only_what_involves_it(finished):
     assert jobs["train"] == new_runs and jobs["evaluate"] == new_runs
     assert jobs["extract"] == jobs["gram"] == new_runs * 3  # three views each
     assert "prepare_data" not in jobs and "gram_labels" not in jobs
-    # tiles per comparison: ceil(28/16) x ceil(28/16) for run-vs-run, x 1 against the labels
-    study_new = {"within": 3, "invariance": 2, "class": 1}  # per new run
-    tiles_run_run, tiles_run_labels = 4, 2
-    per_new_run = (study_new["within"] + study_new["invariance"]) * tiles_run_run
-    per_new_run += study_new["class"] * tiles_run_labels
-    cross_pairs_with_new = 5  # 4 runs: 6 pairs, one of which (both seed 0) already exists
-    expected_tiles = new_runs * per_new_run + cross_pairs_with_new * tiles_run_run
-    assert jobs["cka_tile"] == expected_tiles
+    assert jobs["cka"] == 1  # one job for every comparison: what it computes, see the soak test
     assert {"merge_tables", "figures", "summary", "run_tables"} <= set(jobs)
 
 
 @pytest.mark.e2e
 def test_a_cka_setting_reruns_only_cka_stages_and_a_plot_setting_only_figures(finished):
     jobs = planned_jobs(finished, cka={"bootstrap": 30})
-    assert set(jobs) == {"cka_tile", "merge_tables", "figures", "summary"}
+    assert set(jobs) == {"cka", "merge_tables", "figures", "summary"}
     # settings that change the Gram statistics: the fused stage onward, never the data store,
     # training, probes or the stored activations
-    gram_onward = {"gram", "gram_labels", "cka_tile", "merge_tables", "figures", "summary"}
+    gram_onward = {"gram", "gram_labels", "cka", "merge_tables", "figures", "summary"}
     for change in ({"batch_size": 32}, {"passes": 2}, {"estimator": "linear"}):
         jobs = planned_jobs(finished, cka=change)
         assert set(jobs) == gram_onward, (change, jobs)
@@ -278,7 +273,7 @@ def test_the_stored_selection_reruns_only_extraction(finished):
     assert planned_jobs(finished, activations=more) == {"extract": 6}
     assert planned_jobs(finished, activations={"store": "none"}) == {}
     jobs = planned_jobs(finished, activations={"precision": "bf16"})
-    assert {"extract", "gram", "cka_tile"} <= set(jobs) and "train" not in jobs
+    assert {"extract", "gram", "cka"} <= set(jobs) and "train" not in jobs
     assert "gram_labels" not in jobs and "prepare_data" not in jobs
 
 
@@ -307,6 +302,15 @@ def test_soak_more_seeds_in_one_folder_and_a_concurrent_run_refused(finished):
     assert codes[0] == 0 and codes[1] != 0, outputs
     refused = outputs[[p.returncode for p in procs].index(codes[1])]
     assert "cannot be locked" in refused, refused[-2000:]
+    # reruns stay scoped: with seed 0 and seed 1 each computed on their own, the CKA job of both
+    # computes only the four cross comparisons between a seed-0 and a seed-1 run, and takes the
+    # other 26 (6 per run, 1 cross pair per seed) from its cache, reading no store they alone use
+    log = (finished / "results" / "logs" / "cka" / "pairs.log").read_text()
+    assert "30 comparisons (4 computed, 26 unchanged)" in log, log
+    read = int(re.search(r"read ([\d,]+) bytes", log).group(1).replace(",", ""))
+    clean = [open_gram(path) for path in (finished / "results" / "gram").glob("*/clean.zarr")]
+    assert len(clean) == 4  # each clean store read once, and nothing else
+    assert read == sum(store[layer["name"]].nbytes for store in clean for layer in store.layers)
 
     runs = sorted(p.name for p in (finished / "results" / "runs").iterdir())
     assert runs == [f"{m}-resnet18-w4-s{s}" for m in ("simclr", "supervised") for s in (0, 1)]

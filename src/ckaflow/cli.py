@@ -175,35 +175,29 @@ def cmd_gram(args) -> None:
         )
 
 
-def cmd_tile(args) -> None:
-    from ckaflow.cka.tiles import compute_tile
+def cmd_cka(args) -> None:
+    from ckaflow.cka.comparisons import Pair, compute_comparisons
     from ckaflow.errors import ConfigError
 
-    if args.spec:  # the workflow's TileSpec: every setting in one argument
-        spec = json.loads(args.spec)
-        args.rows, args.cols = range(*spec.pop("rows")), range(*spec.pop("cols"))
-        vars(args).update(spec)
-    if args.kind is None or args.rows is None or args.cols is None:
-        raise ConfigError("ckaflow tile needs --spec, or --kind, --rows and --cols")
-    compute_tile(
-        args.comparison,
-        args.kind,
-        args.a,
-        args.b,
-        args.rows,
-        args.cols,
-        args.estimator,
-        args.out,
-        bootstrap=args.bootstrap,
-        seed=args.seed,
-    )
+    if args.spec:  # the workflow's CkaSpec: a group of comparisons and every setting
+        kwargs = json.loads(args.spec)
+        kwargs["pairs"] = kwargs.pop("comparisons")
+    elif args.a and args.b:
+        pair = Pair(args.comparison, args.kind, args.a, args.b, args.rows, args.cols)
+        kwargs = {"pairs": [pair], "estimator": args.estimator, "bootstrap": args.bootstrap}
+        kwargs["seed"] = args.seed
+    else:
+        raise ConfigError("ckaflow cka needs --spec, or --a and --b")
+    _set_threads(args.threads)
+    kwargs["out"] = args.out
+    _launch(args, "cka", compute_comparisons, kwargs, key=args.out)
 
 
 def cmd_merge(args) -> None:
-    from ckaflow.tables import merge_tiles
+    from ckaflow.tables import merge_cka
 
-    table = merge_tiles(args.tiles, args.out, args.config_hash)
-    print(f"{args.out}: {len(table)} rows from {len(args.tiles)} tiles")
+    table = merge_cka(args.tables, args.out, args.config_hash)
+    print(f"{args.out}: {len(table)} rows from {len(args.tables)} CKA tables")
 
 
 def cmd_plot(args) -> None:
@@ -357,28 +351,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     torch_options(p)
 
-    p = stage("tile", cmd_tile, "CKA of a tile of layer pairs from two Gram stores")
-    p.add_argument("--comparison", required=True)
-    p.add_argument("--kind", default=None, choices=schema_enum("cka.comparisons"))
-    p.add_argument("--a", required=True, help="Gram store of the row side")
-    p.add_argument("--b", required=True, help="Gram store of the column side")
-    p.add_argument("--rows", type=_range, default=None, help="layer index range START:STOP")
-    p.add_argument("--cols", type=_range, default=None, help="layer index range START:STOP")
+    p = stage(
+        "cka",
+        cmd_cka,
+        "CKA of every layer pair of a group of comparisons, each Gram store read once",
+    )
     p.add_argument(
         "--spec",
         default=None,
-        help="JSON: {kind, rows: [start, stop], cols, estimator, bootstrap, seed} (the workflow's;"
-        " instead of those options)",
+        help="JSON: {comparisons: [{id, kind, a, b}], estimator, bootstrap, seed, tile_layers}"
+        " (the workflow's; instead of the options below)",
     )
+    p.add_argument("--a", default=None, help="one comparison: Gram store of the row side")
+    p.add_argument("--b", default=None, help="one comparison: Gram store of the column side")
+    p.add_argument("--comparison", default="a-vs-b", help="one comparison: its name")
+    p.add_argument("--kind", default="cross", choices=schema_enum("cka.comparisons"))
+    p.add_argument("--rows", type=_range, default=None, help="layer index range START:STOP")
+    p.add_argument("--cols", type=_range, default=None, help="layer index range START:STOP")
     p.add_argument("--estimator", default="minibatch", choices=schema_enum("cka.estimator"))
     p.add_argument("--bootstrap", type=int, default=0, help="replicates for the CI (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads")
+    backend_options(p)
 
-    p = stage("merge", cmd_merge, "merge CKA tiles into the tidy table")
+    p = stage("merge", cmd_merge, "merge the CKA jobs' tables into the tidy table")
     p.add_argument("--out", required=True)
     p.add_argument("--config-hash", required=True)
-    p.add_argument("tiles", nargs="+")
+    p.add_argument("tables", nargs="+")
 
     p = stage("summarize", cmd_summarize, "the paper's claims with this run's numbers")
     p.add_argument("--table", required=True)

@@ -18,7 +18,7 @@ class StoreError(CkaflowError, RuntimeError):
     """An activation or statistics store that is missing, incomplete or not what it claims."""
 
 
-class TileError(CkaflowError, ValueError):
+class ComparisonError(CkaflowError, ValueError):
     """Two sides that cannot be compared (different examples, order or blocks)."""
 
 
@@ -27,7 +27,7 @@ class CheckpointError(CkaflowError, RuntimeError):
 
 
 class TableError(CkaflowError, ValueError):
-    """CKA tiles or tables that cannot be merged (missing, from an older schema, overlapping)."""
+    """CKA tables that cannot be merged (missing, from an older schema, overlapping)."""
 
 
 class UnsafeFileError(CheckpointError):

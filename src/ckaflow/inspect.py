@@ -139,7 +139,7 @@ def describe_results(path: Path, config_path: str | Path | None = None) -> str:
         ("probe tables", "runs/*/probes.parquet"),
         ("activation stores", "activations/*/*.zarr"),
         ("Gram stores", "gram/**/*.zarr"),
-        ("CKA tiles", "cka/*/*.parquet"),
+        ("CKA tables", "cka/*.parquet"),
         ("tables", "tables/*"),
         ("figures", "figures/*.png"),
     ):

@@ -1,8 +1,8 @@
 """What a study will cost before anything runs (`ckaflow plan`): jobs per stage; per run and
 view the bytes of its Gram store, of the activations it stores for inspection, and of what
 storing every compared layer would take; the fused Gram stage's forward and Gram FLOPs (both
-scale with `cka.passes`); the memory of one CKA tile; and the compute and GPU-hours its training
-recipes imply.
+scale with `cka.passes`); what the CKA job reads and holds in memory; and the compute and
+GPU-hours its training recipes imply.
 
 Sizes come from the layer registry's arithmetic (ckaflow.layers.layer_features) and FLOPs from
 one forward pass of the real network on PyTorch's meta device (no memory, no data), so a
@@ -25,7 +25,15 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # forward + backward ≈ 3 forward passes (the backward pass costs about twice the forward)
 TRAIN_FLOPS_PER_FORWARD = 3
 DEFAULT_GPU_TFLOPS = 40.0  # assumed sustained mixed-precision throughput of one GPU
-WORK_BLOCKS = 4  # a streamed tile's working space, in blocks: see tile_memory
+WORK_BLOCKS = 4  # a streamed CKA job's working space, in blocks: see cka_job_memory
+
+
+@dataclass(frozen=True)
+class CkaJobCost:
+    comparisons: int
+    layer_pairs: int
+    read_bytes: int
+    memory_bytes: int
 
 
 @dataclass
@@ -42,12 +50,12 @@ class StudyCosts:
     forward_flops: dict[str, float]
     gpu_tflops: float
     # the fused Gram stage: blocks per layer (all passes), forward FLOPs of all its passes,
-    # Gram store bytes per (run, view) and for the labels ("labels", "labels"), peak memory of
-    # one CKA tile (`tile_memory`)
+    # Gram store bytes per (run, view) and for the labels ("labels", "labels"); the CKA job's
+    # comparisons, layer pairs, bytes read and peak memory
     gram_blocks: int = 0
     gram_forward_flops: float = 0.0
     gram_store_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
-    tile_bytes: int = 0
+    cka_job: CkaJobCost = CkaJobCost(0, 0, 0, 0)
 
     def gpu_hours(self, flops: float) -> float:
         return flops / (self.gpu_tflops * 1e12) / 3600
@@ -78,28 +86,45 @@ def gram_layer_cost(
     return 1, 2.0 * n * n * features, packed_length(n) * itemsize
 
 
-def tile_memory(
-    estimator: str, layers_a: int, layers_b: int, blocks: int, size: int, bootstrap: int
+def cka_job_memory(
+    estimator: str,
+    layers: int,
+    pairs: list[tuple[int, int]],
+    blocks: int,
+    size: int,
+    bootstrap: int,
+    tile_layers: int,
 ) -> int:
-    """Peak bytes of one CKA tile (`ckaflow.cka.tiles.compute_tile`) of layers_a × layers_b
-    layers whose statistics are `blocks` Grams of size × size.
+    """Peak bytes of one CKA job (`ckaflow.cka.comparisons.compute_comparisons`) over comparisons
+    of `pairs` (La, Lb) layers, `layers` distinct layers in all, whose statistics are `blocks`
+    Grams of size × size.
 
-    minibatch, streamed block by block: one block of every layer, U-centred and stacked, plus
-    working space for the block being read (the chunk, its U-centred copy: WORK_BLOCKS blocks),
-    (layers_a + layers_b + WORK_BLOCKS) · size² · 8; the per-block HSIC terms,
-    blocks · (layers_a · layers_b + layers_a + layers_b) · 8; the bootstrap replicates,
-    bootstrap · layers_a · layers_b · 8. Full-data estimators (one n × n block) load every layer
-    whole: its Grams, their HSIC vector and the stacked copy, 3 · (layers_a + layers_b) · n² · 8.
+    minibatch, streamed block by block: one U-centred block of every layer, plus working space
+    for the block being read (the chunk, its unpacked and U-centred copies: WORK_BLOCKS blocks),
+    (layers + WORK_BLOCKS) · size² · 8; every comparison's per-block HSIC terms,
+    blocks · (La · Lb + La + Lb) · 8; and, one comparison at a time, its bootstrap replicates
+    and jackknife, (bootstrap + blocks) · La · Lb · 8. Full-data estimators (one n × n block)
+    load tile_layers layers per side whole: their Grams, HSIC vectors and the stacked copy,
+    3 · 2 · tile_layers · n² · 8.
     """
     block = size * size * 8
     if estimator != "minibatch":
-        return 3 * (layers_a + layers_b) * blocks * block
-    pairs = layers_a * layers_b
-    return (
-        (layers_a + layers_b + WORK_BLOCKS) * block
-        + blocks * (pairs + layers_a + layers_b) * 8
-        + bootstrap * pairs * 8
-    )
+        side = min(tile_layers, max(max(p) for p in pairs))
+        return 3 * 2 * side * blocks * block
+    terms = sum(blocks * (la * lb + la + lb) * 8 for la, lb in pairs)
+    widest = max(la * lb for la, lb in pairs)
+    return (layers + WORK_BLOCKS) * block + terms + (bootstrap + blocks) * widest * 8
+
+
+def cka_job_reads(
+    estimator: str, pairs: list[tuple[int, int]], layers: int, layer_bytes: int, tile_layers: int
+) -> int:
+    """Bytes of Gram statistics one CKA job reads (`ckaflow.cka.comparisons`): streamed
+    (minibatch), each of its `layers` distinct layers once; full data, per comparison of
+    La × Lb layers, each row tile's layers once and the column layers once per row tile."""
+    if estimator == "minibatch":
+        return layers * layer_bytes
+    return sum((la + -(-la // tile_layers) * lb) * layer_bytes for la, lb in pairs)
 
 
 def forward_flops(run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: int) -> float:
@@ -150,7 +175,7 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         "evaluate": len(study.runs),
         "gram (fused forward pass)": len(run_views) + (1 if has_class else 0),
         "extract (stored activations)": len(stores),
-        "cka_tile": len(study.all_tiles()),
+        "cka (every comparison, one job)": 1,
         "merge, tables, figures, summary": 4,
     }
     cka, dtype_bytes = study.cka, DTYPE_BYTES[act["dtype"]]
@@ -200,7 +225,6 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         widest = max(widest, len(chosen))
     if has_class:
         gram_store[(LABELS, LABELS)] = layer_store
-    side = min(cka.tile_layers, widest)  # a tile has up to tile_layers layers per side
     size = row_blocks(n, cka.batch_size)[0].stop if cka.estimator == "minibatch" else n
     return StudyCosts(
         jobs,
@@ -215,7 +239,19 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         gram_blocks=blocks,
         gram_forward_flops=gram_forward,
         gram_store_bytes=gram_store,
-        tile_bytes=tile_memory(cka.estimator, side, side, blocks, size, cka.bootstrap),
+        cka_job=_cka_job(study, blocks, size, layer_store),
+    )
+
+
+def _cka_job(study: Study, blocks: int, size: int, layer_bytes: int) -> CkaJobCost:
+    cka, comparisons = study.cka, list(study.comparisons.values())
+    pairs = [(len(study.layers(c.a)), len(study.layers(c.b))) for c in comparisons]
+    layers = sum(len(study.layers(side)) for side in study.sides())
+    return CkaJobCost(
+        len(comparisons),
+        sum(la * lb for la, lb in pairs),
+        cka_job_reads(cka.estimator, pairs, layers, layer_bytes, cka.tile_layers),
+        cka_job_memory(cka.estimator, layers, pairs, blocks, size, cka.bootstrap, cka.tile_layers),
     )
 
 
@@ -237,6 +273,7 @@ def render(config: dict[str, Any], costs: StudyCosts) -> str:
     names = [f"{run}/{view}" for run, view in sorted(costs.all_activation_bytes)]
     pad = max(len(name) for name in [*names, *runs, LABELS]) + 2
     lines += ["", *_render_gram(config, costs, pad), ""]
+    lines += [*_render_cka(config, costs, pad), ""]
     lines += [*_render_bytes(config, costs, pad), ""]
     lines.append(f"training (GPU-hours at an assumed {costs.gpu_tflops:g} TFLOP/s sustained):")
     imported = {run_id for run_id, run in Study(config).runs.items() if run.imported}
@@ -270,7 +307,24 @@ def _render_gram(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[st
         f"  {'forward passes':<{pad}} {_si(forward, 'FLOP'):>12}"
         f"  {costs.gpu_hours(forward):8.2f} GPU-h",
         f"  {'Gram products':<{pad}} {_si(gram, 'FLOP'):>12}  {costs.gpu_hours(gram):8.2f} GPU-h",
-        f"  {'one CKA tile in memory':<{pad}} {_si(costs.tile_bytes, 'B'):>12}",
+    ]
+
+
+def _render_cka(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[str]:
+    job = costs.cka_job
+    how = (
+        "streamed: each Gram store read once"
+        if config["cka"]["estimator"] == "minibatch"
+        else f"full data: {config['cka']['tile_layers']} layers per side in memory at once"
+    )
+    stores = sum(costs.gram_store_bytes.values())
+    share = job.read_bytes / stores if stores else 0.0
+    return [
+        f"CKA, one job ({how}):",
+        f"  {'comparisons':<{pad}} {job.comparisons:>12,}",
+        f"  {'layer pairs':<{pad}} {job.layer_pairs:>12,}",
+        f"  {'bytes read':<{pad}} {_si(job.read_bytes, 'B'):>12}  = {share:.2f}x the Gram stores",
+        f"  {'peak memory':<{pad}} {_si(job.memory_bytes, 'B'):>12}",
     ]
 
 

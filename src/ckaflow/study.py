@@ -1,15 +1,14 @@
 """What a study computes and where each artifact lives; no torch, so Snakemake loads it fast.
 
 A *side* of a comparison is one representation set: a run on a view, or the eval labels.
-A *comparison* pairs two sides; its layer pairs are cut into *tiles* of at most
-`tile_layers` × `tile_layers` pairs, the unit of rerun and parallelism.
+A *comparison* pairs two sides; one CKA job computes every comparison, reading each Gram store
+once (`ckaflow.cka.comparisons`).
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-import math
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from typing import Any
@@ -45,17 +44,6 @@ class Comparison:
     @property
     def id(self) -> str:
         return f"{self.kind}-{self.a.tag}-vs-{self.b.tag}"
-
-
-@dataclass(frozen=True)
-class Tile:
-    comparison: Comparison
-    row: int
-    col: int
-
-    @property
-    def name(self) -> str:
-        return f"r{self.row}c{self.col}"
 
 
 # The typed spec of each stage: what its output is computed from, and nothing else.
@@ -97,13 +85,13 @@ class GramSpec:
 
 
 @dataclass(frozen=True)
-class TileSpec:
-    kind: str
-    rows: tuple[int, int]
-    cols: tuple[int, int]
+class CkaSpec:
+    comparisons: tuple[dict, ...]  # id, kind and the two sides' Gram store paths (a, b)
     estimator: str
     bootstrap: int
     seed: int
+    tile_layers: int  # full-data estimators: layers per side held in memory at once
+    cache: str  # each comparison's table, reused while its inputs are unchanged
 
 
 class Study:
@@ -220,21 +208,25 @@ class Study:
             **common, layers=layers, precision=act["precision"], channels_last=act["channels_last"]
         )
 
-    def tile_spec(self, tile: Tile) -> TileSpec:
-        rows, cols = self.tile_ranges(tile)
-        return TileSpec(
-            kind=tile.comparison.kind,
-            rows=(rows.start, rows.stop),
-            cols=(cols.start, cols.stop),
+    def cka_spec(self) -> CkaSpec:
+        """What the CKA job computes: every layer pair of every comparison."""
+        return CkaSpec(
+            comparisons=tuple(
+                {"id": c.id, "kind": c.kind, "a": self.gram(c.a), "b": self.gram(c.b)}
+                for c in self.comparisons.values()
+            ),
             estimator=self.cka.estimator,
             bootstrap=self.cka.bootstrap,
             seed=self.data.seed,  # of the bootstrap
+            tile_layers=self.cka.tile_layers,
+            cache=self.cka_cache(),
         )
 
     def tables_spec(self) -> dict:
         """The CKA table records a hash of what its numbers depend on: the specs of the stages
-        upstream of it (how the pairs are cut into tiles, and which comparisons are made, change
-        no number and are left out; an imported run enters by its checkpoint's path)."""
+        upstream of it (how many layers a full-data CKA job holds at once, and which comparisons
+        are made, change no number and are left out; an imported run enters by its checkpoint's
+        path)."""
         sides = sorted(self.sides(), key=lambda side: side.tag)
         cka = {k: v for k, v in asdict(self.cka).items() if k not in ("tile_layers", "comparisons")}
         upstream = [
@@ -302,26 +294,9 @@ class Study:
                 out.append(Comparison("cross", Side(a, "clean"), Side(b, "clean")))
         return {c.id: c for c in out}
 
-    def tiles(self, comparison: Comparison) -> list[Tile]:
-        t = self.cka.tile_layers
-        rows = math.ceil(len(self.layers(comparison.a)) / t)
-        cols = math.ceil(len(self.layers(comparison.b)) / t)
-        return [Tile(comparison, r, c) for r in range(rows) for c in range(cols)]
-
-    def tile(self, comparison_id: str, name: str) -> Tile:
-        for tile in self.tiles(self.comparisons[comparison_id]):
-            if tile.name == name:
-                return tile
-        raise KeyError(f"comparison {comparison_id} has no tile {name}")
-
-    def tile_ranges(self, tile: Tile) -> tuple[range, range]:
-        t = self.cka.tile_layers
-        n_a = len(self.layers(tile.comparison.a))
-        n_b = len(self.layers(tile.comparison.b))
-        return (
-            range(tile.row * t, min((tile.row + 1) * t, n_a)),
-            range(tile.col * t, min((tile.col + 1) * t, n_b)),
-        )
+    def gram_stores(self) -> list[str]:
+        """Every Gram store some comparison reads: the CKA job's inputs."""
+        return sorted({self.gram(side) for side in self.sides()})
 
     def sides(self) -> set[Side]:
         return {s for c in self.comparisons.values() for s in (c.a, c.b)}
@@ -378,7 +353,7 @@ class Study:
         """Everything the study makes (the target rule's inputs; what `inspect` checks)."""
         out = [self.data_store(), *self.run_files()]
         out += [self.gram(side) for side in sorted(self.sides(), key=lambda s: s.tag)]
-        out += [self.tile_path(tile) for tile in self.all_tiles()]
+        out.append(self.cka_pairs())
         out += [self.table(name, ext) for name in ("cka", "claims") for ext in ("parquet", "csv")]
         out += [*self.run_tables(), *self.figures(), self.summary(), *self.activation_stores()]
         return out
@@ -418,14 +393,15 @@ class Study:
         return f"{RESULTS}/gram/{side.run}/{side.view}.zarr"
 
     @staticmethod
-    def tile_path(tile: Tile | None = None) -> str:
-        """One tile's table; without a tile, the rule's pattern."""
-        if tile is None:
-            return f"{RESULTS}/cka/{{comparison}}/{{tile}}.parquet"
-        return f"{RESULTS}/cka/{tile.comparison.id}/{tile.name}.parquet"
+    def cka_pairs() -> str:
+        """The CKA job's table: every layer pair of every comparison."""
+        return f"{RESULTS}/cka/pairs.parquet"
 
-    def all_tiles(self) -> list[Tile]:
-        return [t for c in self.comparisons.values() for t in self.tiles(c)]
+    @staticmethod
+    def cka_cache() -> str:
+        """Where the CKA job keeps each comparison's table, keyed by what it was computed from,
+        so that a rerun computes only the comparisons whose stores or settings changed."""
+        return f"{RESULTS}/cka/comparisons"
 
     def _any_module(self, c: Comparison) -> bool:
         """Whether a side of the comparison is a network imported as any module."""

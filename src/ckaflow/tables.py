@@ -1,4 +1,4 @@
-"""Tidy tables: CKA tiles merged into `cka.parquet`; per-run training, probes, runs tables."""
+"""Tidy tables: the CKA job's pairs as `cka.parquet`; per-run training, probes and runs tables."""
 
 from __future__ import annotations
 
@@ -45,28 +45,28 @@ COLUMNS = (
 )
 
 
-def merge_tiles(tiles: list[str | Path], out: str | Path, config_hash: str) -> pd.DataFrame:
-    """Concatenate tile tables, check them, stamp provenance, write parquet and CSV."""
-    if not tiles:
-        raise TableError("no CKA tiles to merge")
+def merge_cka(tables: list[str | Path], out: str | Path, config_hash: str) -> pd.DataFrame:
+    """Concatenate the CKA jobs' tables, check them, stamp provenance, write parquet and CSV."""
+    if not tables:
+        raise TableError("no CKA tables to merge")
     frames = []
-    for path in tiles:
+    for path in tables:
         try:
             frames.append(pd.read_parquet(path))
         except (OSError, ValueError) as err:  # pyarrow raises both for a missing or cut file
             raise TableError(
-                f"{path}: not a readable CKA tile ({err}); rerun its cka stage"
+                f"{path}: not a readable CKA table ({err}); rerun its cka stage"
             ) from err
     table = pd.concat(frames, ignore_index=True)
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise TableError(
-            f"tile tables lack columns {missing} (an older schema?); rerun the cka stages"
+            f"CKA tables lack columns {missing} (an older schema?); rerun the cka stages"
         )
     table = table.loc[:, list(COLUMNS)].astype({c: "Int64" for c in NULLABLE_INT})
     duplicated = table.duplicated(["comparison", "layer_a", "layer_b"])
     if duplicated.any():
-        raise TableError(f"{int(duplicated.sum())} layer pairs appear in more than one tile")
+        raise TableError(f"{int(duplicated.sum())} layer pairs appear in more than one table")
     table = table.sort_values(["comparison", "layer_index_a", "layer_index_b"], ignore_index=True)
     table["config_hash"] = config_hash
     table["merged_by"] = code_version()

@@ -29,7 +29,7 @@ import numpy as np
 
 from ckaflow.cka.estimators import MIN_BATCH_ROWS, center_gram, row_blocks, u_center
 from ckaflow.config import schema_enum
-from ckaflow.errors import TileError
+from ckaflow.errors import ComparisonError
 
 ESTIMATORS = schema_enum("cka.estimator")  # minibatch, linear, debiased, rbf
 UNBIASED = ("minibatch", "debiased")
@@ -406,18 +406,18 @@ def rbf_from_linear(k: np.ndarray, fraction: float = RBF_SIGMA_FRACTION) -> np.n
 
 
 def check_comparable(a: GramStats, b: GramStats) -> None:
-    """Refuse (TileError, a ValueError) two statistics whose blocks do not hold the same rows."""
+    """Refuse (ComparisonError, a ValueError) two statistics whose blocks hold different rows."""
     if a.estimator != b.estimator:
-        raise TileError(f"{a.name} uses {a.estimator} statistics but {b.name} {b.estimator}")
+        raise ComparisonError(f"{a.name} uses {a.estimator} statistics but {b.name} {b.estimator}")
     if a.partition_key != b.partition_key:
-        raise TileError(
+        raise ComparisonError(
             f"{a.name or 'a'} has {a.passes} passes (permutation seed {a.partition_seed}, "
             f"partition {a.digest}) but {b.name or 'b'} has {b.passes} (seed "
             f"{b.partition_seed}, partition {b.digest}): blocks are paired by position, so "
             "both sides need the same passes and seed (cka.passes, data.seed); rerun the gram stage"
         )
     if a.block_rows != b.block_rows:
-        raise TileError(
+        raise ComparisonError(
             f"{a.name or 'a'} has {a.n} examples in blocks {list(a.block_rows)}, "
             f"{b.name or 'b'} has {b.n} in {list(b.block_rows)}: compare the same examples"
         )

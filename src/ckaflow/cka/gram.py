@@ -91,9 +91,24 @@ def create_gram_array(group: zarr.Group, name: str, blocks: int, size: int, dtyp
     )
 
 
+class ByteCount:
+    """Bytes of Gram statistics read in this process (chunks as stored), so that a stage can
+    report what it read and a test compare it with the plan's prediction."""
+
+    def __init__(self):
+        self.total = 0
+
+    def add(self, array: np.ndarray) -> np.ndarray:
+        self.total += array.nbytes
+        return array
+
+
+BYTES_READ = ByteCount()
+
+
 def read_block(array, i: int) -> np.ndarray:
     """Block i of a stored layer as its full float64 Gram (either layout)."""
-    chunk = np.asarray(array[i])
+    chunk = BYTES_READ.add(np.asarray(array[i]))
     if chunk.ndim == 2:  # the full-matrix layout of older stores
         return chunk.astype(np.float64, copy=False)
     return unpack_upper(chunk, _size(chunk.shape[-1]))
@@ -260,7 +275,7 @@ def _check_shape(store, name: str, block_rows: tuple[int, ...]) -> zarr.Array:
 
 
 def _all_blocks(store, name: str, block_rows: tuple[int, ...]) -> np.ndarray:
-    stored = np.asarray(_check_shape(store, name, block_rows)[...])
+    stored = BYTES_READ.add(np.asarray(_check_shape(store, name, block_rows)[...]))
     if stored.ndim == 3:  # the full-matrix layout of older stores
         return stored.astype(np.float64, copy=False)
     return unpack_upper(stored, max(block_rows))
@@ -285,33 +300,54 @@ def load_stats(store, names: list[str]) -> list[GramStats]:
     ]
 
 
-def stream_block_hsics(store_a, names_a: list[str], store_b, names_b: list[str]) -> BlockHSICs:
-    """Per-block HSIC matrices of layers `names_a` of one Gram store against `names_b` of
-    another, read block by block: for block i, chunk i of every layer (one b × b Gram each) is
-    U-centred into its block vector and the block's terms formed (`block_terms`), so memory is
-    one block of every layer, (La + Lb) · b² · 8 bytes, plus the (blocks, La, Lb) result —
-    never a layer's (blocks, b, b) statistics. A layer on both sides (the same store and name)
-    is read and U-centred once per block.
+def _key(store, name: str) -> tuple[str, str]:
+    return (str(Path(store.path).resolve()), name)
 
-    For the minibatch (unbiased, blocked) statistics; the caller checks that the two stores hold
-    the same rows in the same blocks (`ckaflow.cka.tiles`). The numbers are those of
-    `ckaflow.cka.engine.block_hsics` on `load_stats` of the same layers, bit for bit.
+
+def _positions(indices: list[int]):
+    """A slice where the indices are consecutive (a view, no copy), else the list."""
+    if indices and indices == list(range(indices[0], indices[0] + len(indices))):
+        return slice(indices[0], indices[0] + len(indices))
+    return indices
+
+
+def stream_block_hsics(pairs: list[tuple]) -> list[BlockHSICs]:
+    """Per-block HSIC matrices of each (store_a, names_a, store_b, names_b) in `pairs`, read
+    block by block: for block i, chunk i of every layer that any pair names (one b × b Gram
+    each) is read and U-centred into its block vector once, and each pair's terms formed from
+    them (`block_terms`). So each store is read once whatever the number of pairs it is in, and
+    memory is one block of every layer, (layers) · b² · 8 bytes, plus the (blocks, La, Lb)
+    results — never a layer's (blocks, b, b) statistics.
+
+    For the minibatch (unbiased, blocked) statistics; the caller checks that all the stores hold
+    the same rows in the same blocks (`ckaflow.cka.comparisons`). The numbers are those of
+    `ckaflow.cka.engine.block_hsics` on `load_stats` of the same layers.
     """
-    block_rows, passes = _layout(store_a)
-    estimator = store_a.attrs["estimator"]
-    arrays = {}
-    for store, names in ((store_a, names_a), (store_b, names_b)):
-        for name in names:
-            key = (str(Path(store.path).resolve()), name)
-            if key in arrays:
-                continue
-            arrays[key] = _check_shape(store, name, block_rows)
-    keys_a = [(str(Path(store_a.path).resolve()), name) for name in names_a]
-    keys_b = [(str(Path(store_b.path).resolve()), name) for name in names_b]
-    cross = np.empty((len(block_rows), len(names_a), len(names_b)))
-    self_a = np.empty((len(block_rows), len(names_a)))
-    self_b = np.empty((len(block_rows), len(names_b)))
-    shared = {key: keys_a.index(key) for key in keys_b if key in keys_a}
+    block_rows, passes = _layout(pairs[0][0])
+    estimator = pairs[0][0].attrs["estimator"]
+    arrays: dict[tuple[str, str], object] = {}  # every layer named, in order of first mention
+    for store_a, names_a, store_b, names_b in pairs:
+        for store, names in ((store_a, names_a), (store_b, names_b)):
+            for name in names:
+                if _key(store, name) not in arrays:
+                    arrays[_key(store, name)] = _check_shape(store, name, block_rows)
+    row = {key: i for i, key in enumerate(arrays)}
+    sides = [
+        (
+            _positions([row[_key(store_a, n)] for n in names_a]),
+            _positions([row[_key(store_b, n)] for n in names_b]),
+        )
+        for store_a, names_a, store_b, names_b in pairs
+    ]
+    blocks = len(block_rows)
+    terms = [
+        (
+            np.empty((blocks, len(names_a), len(names_b))),
+            np.empty((blocks, len(names_a))),
+            np.empty((blocks, len(names_b))),
+        )
+        for _, names_a, _, names_b in pairs
+    ]
 
     def vector(key, i: int, m: int) -> np.ndarray:
         k = read_block(arrays[key], i)[:m, :m]  # chunk i: one block's Gram
@@ -323,12 +359,10 @@ def stream_block_hsics(store_a, names_a: list[str], store_b, names_b: list[str])
         return block_vector(k, estimator)
 
     for i, m in enumerate(block_rows):
-        a = np.empty((len(keys_a), m * m))
-        for j, key in enumerate(keys_a):
-            a[j] = vector(key, i, m)
-        b = np.empty((len(keys_b), m * m))
-        for j, key in enumerate(keys_b):
-            b[j] = a[shared[key]] if key in shared else vector(key, i, m)
-        cross[i], self_a[i], self_b[i] = block_terms(a, b)
-        del a, b
-    return BlockHSICs(cross, self_a, self_b, passes)
+        vectors = np.empty((len(arrays), m * m))
+        for key, j in row.items():
+            vectors[j] = vector(key, i, m)
+        for (a, b), (cross, self_a, self_b) in zip(sides, terms, strict=True):
+            cross[i], self_a[i], self_b[i] = block_terms(vectors[a], vectors[b])
+        del vectors
+    return [BlockHSICs(cross, self_a, self_b, passes) for cross, self_a, self_b in terms]
