@@ -9,7 +9,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: install data slurm-cluster demo reference test lint clean
+.PHONY: install data slurm-cluster demo reference rehearsal test lint clean
 
 install: $(VENV)/.installed data
 
@@ -40,6 +40,11 @@ demo: install
 reference: install
 	snakemake --cores $(CORES) --configfile configs/reference.yaml --directory reference-run
 	@echo "results: reference-run/results/summary.md"
+
+# the paper's study in miniature (README: "Scale rehearsal"), in its own folder
+rehearsal: install
+	snakemake --cores $(CORES) --configfile configs/rehearsal.yaml --directory rehearsal-run
+	ckaflow plan configs/rehearsal.yaml
 
 test: install slurm-cluster
 	pytest -q

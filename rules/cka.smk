@@ -28,7 +28,7 @@ rule gram_labels:
     params:
         spec=spec(STUDY.gram_spec(Side(LABELS, LABELS))),
     log:
-        STUDY.log("gram", LABELS),
+        STUDY.log("gram_labels", LABELS),
     conda:
         CONDA_ENV
     shell:

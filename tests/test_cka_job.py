@@ -11,9 +11,10 @@ import pandas as pd
 import pytest
 import zarr
 
+from ckaflow.bytecount import COUNT
 from ckaflow.cka.comparisons import Pair, compute_comparisons
 from ckaflow.cka.engine import GramStats, cka_between, cka_interval, partition, partition_digest
-from ckaflow.cka.gram import BYTES_READ, load_stats, open_gram, write_gram_store
+from ckaflow.cka.gram import load_stats, open_gram, write_gram_store
 from ckaflow.plan import cka_job_memory
 
 LAYERS, N, B, PASSES = 12, 3840, 128, 2  # 30 blocks of 128 rows per pass: 60 blocks per layer
@@ -70,9 +71,9 @@ print(tracemalloc.get_traced_memory()[1])
 
 def _job(path, out):
     pairs = [Pair(f"x{i}", "within", str(path), str(path), r, c) for i, (r, c) in enumerate(SPLITS)]
-    before = BYTES_READ.total
+    before = COUNT.read
     compute_comparisons(pairs, str(out), "minibatch", BOOTSTRAP, log=lambda _: None)
-    return pd.read_parquet(out), BYTES_READ.total - before
+    return pd.read_parquet(out), COUNT.read - before
 
 
 def test_each_layer_is_read_once_whatever_the_comparisons(many_blocks, tmp_path):
@@ -131,12 +132,12 @@ def test_a_rerun_takes_unchanged_comparisons_from_the_cache(many_blocks, tmp_pat
     lines: list[str] = []
 
     def run(bootstrap=0):
-        before = BYTES_READ.total
+        before = COUNT.read
         compute_comparisons(
             pairs, str(tmp_path / "t.parquet"), "minibatch", bootstrap, cache=str(tmp_path / "c"),
             log=lines.append,
         )  # fmt: skip
-        return BYTES_READ.total - before, lines[-1]
+        return COUNT.read - before, lines[-1]
 
     read, line = run()
     assert "2 comparisons (2 computed, 0 unchanged)" in line and read > 0

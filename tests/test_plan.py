@@ -8,7 +8,7 @@ from ckaflow import config
 from ckaflow.plan import study_costs
 from ckaflow.store import open_store
 from ckaflow.study import Side, Study
-from tests.conftest import BIN, ENV, REPO, tiny_config
+from tests.conftest import BIN, ENV, REPO, snakemake_cmd, tiny_config
 
 PAPER = REPO / "configs" / "paper-cifar10-resnet50.yaml"
 
@@ -130,6 +130,33 @@ def test_paper_config_plan():
     assert costs.gram_flops == 2 * (39 * 256**2 + 16**2) * 10 * values
 
 
+def test_plan_gives_each_stage_its_bytes_and_times_and_the_critical_path():
+    result = subprocess.run(
+        [str(BIN / "ckaflow"), "plan", str(PAPER), "--gpus", "8"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr
+    stages = _section(result.stdout, "per stage:")
+    assert stages[1].split() == ["stage", "jobs", "written", "read", "here", "8", "GPUs"]
+    # the CKA job reads every Gram store once; its table's size is an estimate
+    assert _fields(stages, "cka")[:4] == ["1", "≈143.8", "MB", "64.0"]
+    assert _fields(stages, "gram")[:5] == ["18", "63.9", "GB", "2.4", "GB"]
+    path = [line for line in stages if "critical path" in line]
+    assert len(path) == 1 and path[0].strip().endswith("on 8 GPUs")
+
+
+def test_jobs_are_packed_longest_first_onto_the_gpus():
+    from ckaflow.stage_costs import lpt_makespan
+
+    # longest first: 5 | 4, then 3 to the lighter each time: 5+3 | 4+3+3 = 10 (the best
+    # packing, 5+4 | 3+3+3, takes 9: LPT is within 4/3 of it)
+    assert lpt_makespan([5, 4, 3, 3, 3], 2) == 10
+    assert lpt_makespan([5, 4, 3, 3, 3], 1) == 18
+    assert lpt_makespan([5, 4, 3, 3, 3], 8) == 5
+
+
 def test_gram_costs_scale_with_passes():
     one = study_costs(tiny_config())
     four = study_costs(tiny_config(cka={"passes": 4}))
@@ -216,3 +243,35 @@ def test_imported_runs_cost_no_training():
     assert costs.forward_flops["solo"] > 10 * costs.forward_flops["tv"]
     lines = render(cfg, costs).splitlines()
     assert any(line.split()[:1] == ["tv"] and line.endswith("no training") for line in lines)
+
+
+REHEARSAL = REPO / "configs" / "rehearsal.yaml"
+
+
+@pytest.mark.e2e
+def test_a_rehearsal_of_the_paper_study_moves_the_bytes_the_plan_predicts(tmp_path):
+    """The paper's shape (ResNet-50, 3 seeds per method, 3 views, 10 passes) on a few hundred
+    images, end to end: the bytes every stage read and wrote, as its log reports them (counted
+    by the stores' and files' readers and writers, `ckaflow.bytecount`), are the plan's within
+    5 %, for every figure the plan calls exact."""
+    from ckaflow.bytecount import parse
+    from ckaflow.stage_costs import stage_costs
+
+    result = subprocess.run(
+        snakemake_cmd(tmp_path, REHEARSAL), capture_output=True, text=True, env=ENV, timeout=2400
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    cfg = config.load(REHEARSAL)
+    predicted = {s.stage: s for s in stage_costs(cfg, study_costs(cfg))}
+    logs = tmp_path / "results" / "logs"
+    assert set(predicted) <= {p.name for p in logs.iterdir()}
+    for stage, cost in predicted.items():
+        counts = [parse(p.read_text()) for p in (logs / stage).glob("*.log")]
+        read, written = (sum(c[i] for c in counts) for i in (0, 1))
+        for what, measured in (("read", read), ("written", written)):
+            if what not in cost.estimated:  # compressed tables are estimates (≈ in the plan)
+                want = getattr(cost, what)
+                assert measured == pytest.approx(want, rel=0.05), (stage, what, measured, want)
+    assert predicted["gram"].jobs == 18 and predicted["cka"].read == sum(
+        study_costs(cfg).gram_store_bytes.values()
+    )

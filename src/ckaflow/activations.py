@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckaflow import bytecount
 from ckaflow.config import stable_hash
 from ckaflow.provenance import provenance, replace_into_place
 from ckaflow.store import ChunkEncoder, ChunkPaths, StoreOptions, open_partial
@@ -77,6 +78,7 @@ class _Writer:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(self.encoder.encode(values))
+            bytecount.wrote(values[:filled].nbytes)  # logical bytes, before the codec
         except OSError as err:  # write() errors name no file
             raise OSError(err.errno, err.strerror, err.filename or str(path)) from err
 
@@ -159,7 +161,7 @@ def extract(
         precision=precision,
         channels_last=channels_last,
     )
-    dev, n, meta, data, view_array = run.device, run.n, run.meta, run.data, run.view
+    dev, n, meta, data = run.device, run.n, run.meta, run.data
     wanted, forward = run.names, run
     # a chunk never outgrows its array: Zarr reads an array of n < chunk_rows rows as one chunk
     # of n rows, so the chunks written must be that size too
@@ -185,7 +187,7 @@ def extract(
 
     # feature counts from one example, then the arrays (unless resuming) and chunk buffers
     with torch.no_grad(), record_layers(run.net, wanted) as probe:
-        forward(torch.from_numpy(view_array[:1]).to(dev))
+        forward(torch.from_numpy(run.pixels(slice(0, 1))).to(dev))
     features = {name: probe[name].shape[1] for name in wanted}
     for name, width in features.items():
         if name not in group:
@@ -221,7 +223,7 @@ def extract(
                 for batch_start in range(chunk.start, chunk.stop, batch_size):
                     rows = slice(batch_start, min(batch_start + batch_size, chunk.stop))
                     offset = rows.start - chunk.start
-                    forward(torch.from_numpy(view_array[rows]).to(dev, non_blocking=pinned))
+                    forward(torch.from_numpy(run.pixels(rows)).to(dev, non_blocking=pinned))
                 ready = None
                 if pinned:  # the writer waits for this chunk's device-to-host copies only
                     ready = torch.cuda.Event()

@@ -218,7 +218,7 @@ def cmd_summarize(args) -> None:
 def cmd_plan(args) -> None:
     from ckaflow.plan import plan
 
-    print(plan(args.config, args.gpu_tflops))
+    print(plan(args.config, args.gpu_tflops, args.gpus, args.cpu_gflops, args.disk_gbps))
 
 
 def cmd_inspect(args) -> None:
@@ -392,6 +392,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gpu-tflops", type=float, default=40.0, help="assumed sustained TFLOP/s of one GPU"
     )
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the study may use at once")
+    p.add_argument(
+        "--cpu-gflops",
+        type=float,
+        default=50.0,
+        help="assumed GFLOP/s of the machine that runs Snakemake (and of the CKA job)",
+    )
+    p.add_argument("--disk-gbps", type=float, default=1.0, help="assumed GB/s of the file system")
 
     p = stage("inspect", cmd_inspect, "look inside an artifact or a results folder")
     p.add_argument("path", help="a .zarr store, a .pt checkpoint, a table, or results/")
@@ -420,5 +428,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ckaflow {args.command}: error: {storage_message(err)}", file=sys.stderr)
         return 2
-    print(f"ckaflow {args.command}: done in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    from ckaflow.bytecount import COUNT
+
+    elapsed = time.perf_counter() - started
+    print(f"ckaflow {args.command}: done in {elapsed:.1f}s; {COUNT.report()}", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import zarr
 
-from ckaflow import augment
+from ckaflow import augment, bytecount
 from ckaflow.config import VIEWS, AugmentSpec, DataSpec, stable_hash, to_jsonable
 from ckaflow.errors import DatasetError
 from ckaflow.provenance import atomic_path, provenance
@@ -349,6 +349,7 @@ def _array(group: zarr.Group, name: str, values: np.ndarray, chunk_rows: int) ->
     chunks = (min(chunk_rows, len(values)), *values.shape[1:])
     arr = group.create_array(name, shape=values.shape, chunks=chunks, dtype=values.dtype)
     arr[...] = values
+    bytecount.wrote(values.nbytes)
 
 
 @dataclass(frozen=True)
@@ -365,13 +366,14 @@ class PreparedData:
     def view(self, name: str) -> np.ndarray:
         if name not in VIEWS:
             raise ValueError(f"unknown view {name!r}; expected one of {VIEWS}")
-        return self.group[f"views/{name}"][...]
+        return bytecount.read_array(self.group[f"views/{name}"][...])
 
     def train(self) -> tuple[np.ndarray, np.ndarray]:
-        return self.group["train/images"][...], self.group["train/labels"][...]
+        images, labels = self.group["train/images"][...], self.group["train/labels"][...]
+        return bytecount.read_array(images), bytecount.read_array(labels)
 
     def eval_labels(self) -> np.ndarray:
-        return self.group["eval/labels"][...]
+        return bytecount.read_array(self.group["eval/labels"][...])
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 or [0, 1] pixels -> the model's input scale (per-channel standardised)."""

@@ -88,6 +88,14 @@ class ViewPass:
             "channels_last": self.channels_last,
         }
 
+    def pixels(self, rows):
+        """uint8 pixels of the view's examples `rows` (a slice or indices), read from the store."""
+        import numpy as np
+
+        from ckaflow import bytecount
+
+        return bytecount.read_array(np.asarray(self.view[rows]))
+
     def __call__(self, pixels) -> None:
         """Run uint8 pixels (a tensor on the device) through the network."""
         import torch

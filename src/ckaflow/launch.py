@@ -126,9 +126,13 @@ class StageJob:
 
         if self.threads:
             torch.set_num_threads(self.threads)  # same threads, same floating-point sums
+        from ckaflow.bytecount import COUNT
+
         if submitit.JobEnvironment().num_tasks > 1:  # torch.distributed's env:// variables
             submitit.helpers.TorchDistributedEnvironment().export()
-        return self.fn(**kwargs)
+        result = self.fn(**kwargs)
+        print(f"SLURM job: {COUNT.report()}", flush=True)  # the stage's log: what it moved
+        return result
 
     def checkpoint(self, kwargs: dict):
         import submitit

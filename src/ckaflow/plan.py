@@ -15,16 +15,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckaflow import config as cfg
+from ckaflow.cka.engine import FULL_DATA_GROUPS
 from ckaflow.cka.estimators import row_blocks
 from ckaflow.cka.fused import MEMORY_BYTES, _layer_groups
 from ckaflow.cka.gram import packed_length
 from ckaflow.layers import layer_features
+from ckaflow.stage_costs import (
+    DEFAULT_CPU_GFLOPS,
+    DEFAULT_DISK_GBPS,
+    Rates,
+    render_stages,
+    stage_costs,
+)
 from ckaflow.study import LABELS, Side, Study
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 # forward + backward ≈ 3 forward passes (the backward pass costs about twice the forward)
 TRAIN_FLOPS_PER_FORWARD = 3
 DEFAULT_GPU_TFLOPS = 40.0  # assumed sustained mixed-precision throughput of one GPU
+U_CENTRING_FLOPS = 6  # per value of a block's Gram: unpack, U-centre, scale
+TABLE_ROW_BYTES = 30  # a tidy-table row's columns but the jackknife, compressed (estimate)
 WORK_BLOCKS = 4  # a streamed CKA job's working space, in blocks: see cka_job_memory
 
 
@@ -34,6 +44,8 @@ class CkaJobCost:
     layer_pairs: int
     read_bytes: int
     memory_bytes: int
+    flops: float = 0.0  # float64: every pair's per-block products, every block's U-centring
+    table_bytes: int = 0  # an estimate: parquet compresses
 
 
 @dataclass
@@ -56,6 +68,7 @@ class StudyCosts:
     gram_forward_flops: float = 0.0
     gram_store_bytes: dict[tuple[str, str], int] = field(default_factory=dict)
     cka_job: CkaJobCost = CkaJobCost(0, 0, 0, 0)
+    gram_flops_by_view: dict[tuple[str, str], float] = field(default_factory=dict)  # all passes
 
     def gpu_hours(self, flops: float) -> float:
         return flops / (self.gpu_tflops * 1e12) / 3600
@@ -181,7 +194,7 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
     cka, dtype_bytes = study.cka, DTYPE_BYTES[act["dtype"]]
     blocks, _, layer_store = gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, 1)
     all_bytes, stored, gram_store = {}, {}, {}
-    gram_flops, gram_forward, widest = 0.0, 0.0, 1
+    gram_flops, gram_forward, widest, by_view = 0.0, 0.0, 1, {}
     forward, train = {}, {}
     for run_id, run in study.runs.items():
         forward[run_id] = forward_flops(run, image_shape, classes)
@@ -212,8 +225,11 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         if stores:
             kept_values = sum(sizes[layer.name] for layer in study.stored_layers(side))
             stored[(run_id, view)] = kept_values * kept * dtype_bytes
-        for width in chosen.values():
-            gram_flops += gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, width)[1]
+        products = sum(
+            gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, width)[1]
+            for width in chosen.values()
+        )
+        gram_flops += products
         # minibatch: every pass forwards every example; full data: one pass per layer group
         forwards = (
             cka.passes
@@ -221,6 +237,7 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
             else len(_layer_groups(chosen, n, MEMORY_BYTES))
         )
         gram_forward += forwards * n * forward[run_id]
+        by_view[(run_id, view)] = products + forwards * n * forward[run_id]
         gram_store[(run_id, view)] = len(chosen) * layer_store
         widest = max(widest, len(chosen))
     if has_class:
@@ -240,6 +257,7 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         gram_forward_flops=gram_forward,
         gram_store_bytes=gram_store,
         cka_job=_cka_job(study, blocks, size, layer_store),
+        gram_flops_by_view=by_view,
     )
 
 
@@ -247,11 +265,15 @@ def _cka_job(study: Study, blocks: int, size: int, layer_bytes: int) -> CkaJobCo
     cka, comparisons = study.cka, list(study.comparisons.values())
     pairs = [(len(study.layers(c.a)), len(study.layers(c.b))) for c in comparisons]
     layers = sum(len(study.layers(side)) for side in study.sides())
+    rows = sum(la * lb for la, lb in pairs)
+    replicates = blocks // cka.passes if cka.estimator == "minibatch" else FULL_DATA_GROUPS
     return CkaJobCost(
         len(comparisons),
-        sum(la * lb for la, lb in pairs),
+        rows,
         cka_job_reads(cka.estimator, pairs, layers, layer_bytes, cka.tile_layers),
         cka_job_memory(cka.estimator, layers, pairs, blocks, size, cka.bootstrap, cka.tile_layers),
+        flops=blocks * size * size * (2.0 * rows + U_CENTRING_FLOPS * layers),
+        table_bytes=rows * (replicates * 8 + TABLE_ROW_BYTES),
     )
 
 
@@ -357,6 +379,15 @@ def _render_bytes(config: dict[str, Any], costs: StudyCosts, pad: int) -> list[s
     return lines
 
 
-def plan(config_path: str, gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> str:
+def plan(
+    config_path: str,
+    gpu_tflops: float = DEFAULT_GPU_TFLOPS,
+    gpus: int = 1,
+    cpu_gflops: float = DEFAULT_CPU_GFLOPS,
+    disk_gbps: float = DEFAULT_DISK_GBPS,
+) -> str:
     config = cfg.load(config_path)
-    return render(config, study_costs(config, gpu_tflops))
+    costs = study_costs(config, gpu_tflops)
+    stages = stage_costs(config, costs)
+    rates = Rates(gpus, gpu_tflops, cpu_gflops, disk_gbps)
+    return "\n".join([render(config, costs), "", *render_stages(stages, rates, _si)])

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
 
-from ckaflow import __version__
+from ckaflow import __version__, bytecount
 
 
 @cache
@@ -100,6 +100,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     _remove(scratch)
     try:
         yield scratch
+        if scratch.is_file():  # a store (a folder) is counted by its array writers
+            bytecount.wrote(scratch.stat().st_size)
         replace_into_place(scratch, path)
     except OSError as err:
         _remove(scratch)  # also gives the space back on a full disk

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ckaflow import bytecount
 from ckaflow.errors import TableError
 from ckaflow.provenance import atomic_path, code_version
 
@@ -53,6 +54,7 @@ def merge_cka(tables: list[str | Path], out: str | Path, config_hash: str) -> pd
     for path in tables:
         try:
             frames.append(pd.read_parquet(path))
+            bytecount.read(Path(path).stat().st_size)
         except (OSError, ValueError) as err:  # pyarrow raises both for a missing or cut file
             raise TableError(
                 f"{path}: not a readable CKA table ({err}); rerun its cka stage"

@@ -303,13 +303,13 @@ def compute_comparisons(
     keeps)."""
     import pandas as pd
 
-    from ckaflow.cka.gram import BYTES_READ
+    from ckaflow.bytecount import COUNT
     from ckaflow.provenance import atomic_path
 
     pairs = [p if isinstance(p, Pair) else Pair.from_dict(p) for p in pairs]
     if not pairs:
         raise ComparisonError(f"{out}: no comparisons to compute")
-    t0, read0 = time.monotonic(), BYTES_READ.total
+    t0, read0 = time.monotonic(), COUNT.read
     settings = [estimator, bootstrap, seed]
     files = [_cache_file(Path(cache), p, settings) if cache else None for p in pairs]
     frames = {i: pd.read_parquet(f) for i, f in enumerate(files) if f is not None and f.exists()}
@@ -326,7 +326,7 @@ def compute_comparisons(
         frame.to_parquet(scratch, index=False)
     log(
         f"{out}: {len(pairs)} comparisons ({len(todo)} computed, {len(pairs) - len(todo)} "
-        f"unchanged), {len(frame)} layer pairs; read {BYTES_READ.total - read0:,} bytes of Gram "
+        f"unchanged), {len(frame)} layer pairs; read {COUNT.read - read0:,} bytes of Gram "
         f"statistics in {time.monotonic() - t0:.1f} s"
     )
     return out

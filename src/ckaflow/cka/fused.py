@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckaflow import bytecount
 from ckaflow.cka.engine import (
     _Workspace,
     block_sizes,
@@ -111,6 +112,7 @@ class _Flusher:
                 try:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(np.ascontiguousarray(packed, dtype=dtype).tobytes())
+                    bytecount.wrote(packed.nbytes)
                 except OSError as err:  # write() errors name no file
                     raise OSError(err.errno, err.strerror, err.filename or str(path)) from err
         self.group.attrs["units_done"] = units_done
@@ -181,7 +183,7 @@ def fused_gram_store(
     dev, n, net, meta, data = run.device, run.n, run.net, run.meta, run.data
     names = run.names
     # the view's uint8 pixels (3 KB per CIFAR image) moved to the device once
-    pixels = torch.from_numpy(np.asarray(run.view[:n])).to(dev)
+    pixels = torch.from_numpy(run.pixels(slice(0, n))).to(dev)
     where = f"{model_path} on {view}"
 
     def forward(rows) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from ckaflow import bytecount
 from ckaflow.cka.engine import (
     BlockHSICs,
     GramStats,
@@ -91,24 +92,9 @@ def create_gram_array(group: zarr.Group, name: str, blocks: int, size: int, dtyp
     )
 
 
-class ByteCount:
-    """Bytes of Gram statistics read in this process (chunks as stored), so that a stage can
-    report what it read and a test compare it with the plan's prediction."""
-
-    def __init__(self):
-        self.total = 0
-
-    def add(self, array: np.ndarray) -> np.ndarray:
-        self.total += array.nbytes
-        return array
-
-
-BYTES_READ = ByteCount()
-
-
 def read_block(array, i: int) -> np.ndarray:
     """Block i of a stored layer as its full float64 Gram (either layout)."""
-    chunk = BYTES_READ.add(np.asarray(array[i]))
+    chunk = bytecount.read_array(np.asarray(array[i]))
     if chunk.ndim == 2:  # the full-matrix layout of older stores
         return chunk.astype(np.float64, copy=False)
     return unpack_upper(chunk, _size(chunk.shape[-1]))
@@ -161,7 +147,8 @@ def write_gram_store(
             blocks, size = s.grams.shape[:2]
             dtype = storage_dtype(s.grams, s.estimator)
             arr = create_gram_array(group, name, blocks, size, dtype)
-            arr[...] = pack_upper(s.grams).astype(dtype)
+            arr[...] = packed = pack_upper(s.grams).astype(dtype)
+            bytecount.wrote(packed.nbytes)
         if first is None:
             raise StoreError(f"{out}: no layers to write")
         group.attrs.update(
@@ -275,7 +262,7 @@ def _check_shape(store, name: str, block_rows: tuple[int, ...]) -> zarr.Array:
 
 
 def _all_blocks(store, name: str, block_rows: tuple[int, ...]) -> np.ndarray:
-    stored = BYTES_READ.add(np.asarray(_check_shape(store, name, block_rows)[...]))
+    stored = bytecount.read_array(np.asarray(_check_shape(store, name, block_rows)[...]))
     if stored.ndim == 3:  # the full-matrix layout of older stores
         return stored.astype(np.float64, copy=False)
     return unpack_upper(stored, max(block_rows))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ckaflow import bytecount
 from ckaflow.errors import CheckpointError, UnsafeFileError
 from ckaflow.provenance import atomic_path
 
@@ -30,7 +31,9 @@ def read_state(path: Path):
     import re
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        bytecount.read(Path(path).stat().st_size)
+        return state
     except pickle.UnpicklingError as err:
         # torch names the first object the pickle would build ("GLOBAL io.open"); any other
         # unpickling error is a damaged or foreign file
