@@ -219,3 +219,23 @@ def test_gpu_gives_the_cpu_numbers():
         blocks = partition(512, 128) if estimator == "minibatch" else [slice(0, 512)]
         bound = 2 * _bounds(layers, estimator, blocks)
         assert (np.abs(gpu - cpu) <= bound).all(), (estimator, gpu - cpu, bound)
+
+
+def test_bootstrap_percentiles_skip_nan_replicates_as_nanpercentile_does():
+    """Only pairs with a NaN replicate take numpy's slow nanpercentile; the rest take
+    percentile: the same numbers, bit for bit."""
+    import warnings
+
+    from ckaflow.cka.engine import _percentiles
+
+    draws = np.random.default_rng(0).random((200, 6, 7))
+    draws[5, 3, 4] = np.nan  # one NaN replicate
+    draws[:, 1, 2] = np.nan  # a constant layer: every replicate NaN
+    low, high = _percentiles(draws, 0.95)
+    tail = (1 - 0.95) / 2 * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100 - tail, axis=0)
+    np.testing.assert_array_equal(low, want[0])
+    np.testing.assert_array_equal(high, want[1])
+    assert np.isnan(low[1, 2]) and np.isfinite(low[3, 4])

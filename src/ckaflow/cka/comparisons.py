@@ -140,8 +140,10 @@ def _open(pairs: list[Pair], estimator: str) -> list[_Opened]:
     stores: dict[str, object] = {}  # each store opened (and its chunks checked) once
     opened = []
     for pair in pairs:
-        a = stores.setdefault(pair.a, open_gram(pair.a))
-        b = stores.setdefault(pair.b, open_gram(pair.b))
+        for path in (pair.a, pair.b):
+            if path not in stores:
+                stores[path] = open_gram(path)
+        a, b = stores[pair.a], stores[pair.b]
         for store in (a, b):
             _check_estimator(store, estimator)
         _check_alignment(a, b)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -542,8 +543,19 @@ def block_hsics(stats: list[GramStats], other: list[GramStats]) -> BlockHSICs:
 
 
 def _percentiles(draws: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
+    """The two-sided `level` percentile interval of each pair's replicates (axis 0), NaN
+    replicates left out. numpy's nanpercentile loops in Python over every pair, so only the
+    pairs that have a NaN replicate (a constant layer) take it; the others take percentile,
+    which gives the same numbers for rows without NaN."""
     tail = (1 - level) / 2 * 100
-    return np.nanpercentile(draws, tail, axis=0), np.nanpercentile(draws, 100 - tail, axis=0)
+    q = [tail, 100 - tail]
+    out = np.percentile(draws, q, axis=0)
+    nan = np.isnan(draws).any(axis=0)
+    if nan.any():
+        with warnings.catch_warnings():  # an all-NaN pair stays NaN, without a warning
+            warnings.simplefilter("ignore", RuntimeWarning)
+            out[:, nan] = np.nanpercentile(draws[:, nan], q, axis=0)
+    return out[0], out[1]
 
 
 def cka_interval(
