@@ -148,6 +148,17 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def _wait_until_running(record: Path, timeout: float, what: str) -> None:
+    """Until the job that the stage's record names is RUNNING."""
+
+    def running() -> bool:
+        return record.exists() and job_state(json.loads(record.read_text())["job_id"], 10) == (
+            "RUNNING"
+        )
+
+    _wait_for(running, timeout, f"{what} to run")
+
+
 def _checkpoint_epoch(out_dir: Path) -> int:
     try:
         return torch.load(out_dir / "checkpoint.pt", weights_only=False)["epoch"]
@@ -387,13 +398,7 @@ def test_killed_workflow_reattaches_to_its_running_job(cluster, tmp_path):
     )
 
     first = _snakemake(workdir, configfile)
-    _wait_for(
-        lambda: (
-            record.exists() and job_state(json.loads(record.read_text())["job_id"], 10) == "RUNNING"
-        ),
-        180,
-        "the training job to run",
-    )
+    _wait_until_running(record, 180, "the training job")
     os.killpg(first.pid, signal.SIGKILL)  # the login node's Snakemake dies, the job goes on
     first.wait(30)
     job_id = json.loads(record.read_text())["job_id"]
@@ -555,13 +560,7 @@ def test_the_cka_job_reattaches_after_its_waiter_dies_and_reruns_after_a_kill(
     cmd = _cka_command(cka_stores, copies=40)
 
     first = _start(cmd, tmp_path)
-    _wait_for(
-        lambda: (
-            record.exists() and job_state(json.loads(record.read_text())["job_id"], 10) == "RUNNING"
-        ),
-        120,
-        "the CKA job to run",
-    )
+    _wait_until_running(record, 120, "the CKA job")
     first.kill()  # the waiter (Snakemake's shell) dies; the job goes on
     first.wait(30)
     job_id = json.loads(record.read_text())["job_id"]

@@ -6,7 +6,8 @@ Every CKA pair is later computed from these, never from the activations again. A
 `passes`, `partition_seed` and `partition_digest`: with passes > 1 the blocks are pass-major
 (block i belongs to pass i // (len(block_rows) / passes)) and
 `ckaflow.cka.engine.partition(len(example_ids), block_rows[0], passes, partition_seed)` gives the
-rows of each block (its hash is `partition_digest`; a tile refuses two sides whose digests differ).
+rows of each block (its hash is `partition_digest`; the CKA stage refuses two sides whose digests
+differ).
 
 Layout (`gram_format: upper-triangle`): each block's Gram is symmetric, so chunk i of a layer's
 (blocks, b(b+1)/2) array holds the upper triangle of block i, row by row (`numpy.triu_indices`),
