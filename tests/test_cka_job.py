@@ -149,6 +149,16 @@ def test_a_rerun_takes_unchanged_comparisons_from_the_cache(many_blocks, tmp_pat
     read, line = run()
     assert "(1 computed, 1 unchanged)" in line
     assert read == 3 * open_gram(other)["l0"].nbytes  # its three layers, once
+    cut = next((tmp_path / "c" / "same").iterdir())  # a kept table cut short: computed again
+    cut.write_bytes(cut.read_bytes()[:100])
+    read, line = run()
+    assert "(1 computed, 1 unchanged)" in line and any("unreadable" in x for x in lines)
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(tmp_path / "t.parquet")
+        .query("comparison == 'same'")
+        .drop(columns="code_version"),
+        first.query("comparison == 'same'").drop(columns="code_version"),
+    )
     _, line = run(bootstrap=10)  # another setting: everything again
     assert "(2 computed, 0 unchanged)" in line
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["other", "same"]

@@ -49,3 +49,11 @@ def test_every_list_of_choices_is_the_schema_s():
     assert schema_enum("activations.codec") == store.CODECS and "zstd" in store.CODECS
     assert set(METHODS) == set(schema_enum("methods"))
     assert set(data.LOADERS) == set(schema_enum("data.name"))
+
+
+def test_a_malformed_cka_spec_is_an_error_naming_what_is_expected(tmp_path):
+    for spec in ("not json", '{"comparisons": [{"id": "x"}]}'):
+        result = _ckaflow("cka", "--spec", spec, "--out", str(tmp_path / "p.parquet"))
+        assert result.returncode == 2, result.stderr
+        assert "--spec is no CKA spec" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "p.parquet").exists()

@@ -179,9 +179,19 @@ def cmd_cka(args) -> None:
     from ckaflow.cka.comparisons import Pair, compute_comparisons
     from ckaflow.errors import ConfigError
 
-    if args.spec:  # the workflow's CkaSpec: a group of comparisons and every setting
-        kwargs = json.loads(args.spec)
-        kwargs["pairs"] = kwargs.pop("comparisons")
+    if args.spec:  # the workflow's CkaSpec: every comparison and every setting
+        from dataclasses import asdict
+
+        from ckaflow.study import CkaSpec
+
+        try:
+            kwargs = asdict(CkaSpec(**json.loads(args.spec)))
+            kwargs["pairs"] = [Pair.from_dict(c) for c in kwargs.pop("comparisons")]
+        except (ValueError, TypeError, KeyError) as err:  # JSON, keys, a comparison's fields
+            raise ConfigError(
+                f"--spec is no CKA spec ({err!r}): expected JSON with comparisons (each with id, "
+                "kind, a, b), estimator, bootstrap, seed, tile_layers and cache"
+            ) from None
     elif args.a and args.b:
         pair = Pair(args.comparison, args.kind, args.a, args.b, args.rows, args.cols)
         kwargs = {"pairs": [pair], "estimator": args.estimator, "bootstrap": args.bootstrap}

@@ -4,7 +4,8 @@ machine that runs Snakemake and on N GPUs; and the wall-clock critical path (`ck
 Bytes are predicted as `ckaflow.bytecount` counts them (Zarr arrays at their logical size,
 files at their size), so that a run's logs can be held against the plan (`tests/test_plan.py`
 runs a study of the paper's shape and checks every figure not marked ≈). Tables are compressed
-(parquet) or text (CSV): their sizes are estimates, marked ≈.
+(parquet) or text (CSV): their sizes are estimates, marked ≈. Training is predicted to write one
+checkpoint per epoch: a run whose epochs outlast `checkpoint.every_min` writes more.
 
 Times are estimates from stated rates, not measurements: GPU stages at the plan's sustained
 TFLOP/s, the CKA job's float64 products and the machine running Snakemake at `cpu_gflops`, every

@@ -249,16 +249,34 @@ def _identity(path: str) -> str | None:
     return stable_hash(attrs)
 
 
-def _cache_file(cache: Path, pair: Pair, settings: list) -> Path | None:
+def _cache_file(cache: Path, pair: Pair, settings: list, identities: dict) -> Path | None:
     """Where the comparison's table is kept for these stores and settings (None: a store that
-    cannot be identified, so nothing is cached)."""
-    ids = [_identity(pair.a), _identity(pair.b)]
+    cannot be identified, so nothing is cached). `identities` holds each store's identity,
+    computed once per store (a store's attributes list every example id)."""
+    for path in (pair.a, pair.b):
+        if path not in identities:
+            identities[path] = _identity(path)
+    ids = [identities[pair.a], identities[pair.b]]
     if None in ids:
         return None
     rows = (pair.rows.start, pair.rows.stop) if pair.rows else None
     cols = (pair.cols.start, pair.cols.stop) if pair.cols else None
     key = stable_hash([CACHE_VERSION, pair.id, pair.kind, ids, rows, cols, settings])
     return cache / pair.id / f"{key}.parquet"
+
+
+def _cached(path: Path | None, log):
+    """The kept table at `path`, or None when there is none or it cannot be read (a damaged
+    file is computed again, never trusted)."""
+    import pandas as pd
+
+    if path is None or not path.exists():
+        return None
+    try:
+        return pd.read_parquet(path)
+    except (OSError, ValueError) as err:  # pyarrow raises both for a cut or foreign file
+        log(f"{path}: unreadable ({err}); computing the comparison again")
+        return None
 
 
 def _keep(path: Path, frame) -> None:
@@ -313,8 +331,10 @@ def compute_comparisons(
         raise ComparisonError(f"{out}: no comparisons to compute")
     t0, read0 = time.monotonic(), COUNT.read
     settings = [estimator, bootstrap, seed]
-    files = [_cache_file(Path(cache), p, settings) if cache else None for p in pairs]
-    frames = {i: pd.read_parquet(f) for i, f in enumerate(files) if f is not None and f.exists()}
+    identities: dict[str, str | None] = {}
+    files = [_cache_file(Path(cache), p, settings, identities) if cache else None for p in pairs]
+    kept = {i: _cached(f, log) for i, f in enumerate(files)}
+    frames = {i: frame for i, frame in kept.items() if frame is not None}
     todo = [i for i in range(len(pairs)) if i not in frames]
     if todo:
         computed = _compute([pairs[i] for i in todo], estimator, bootstrap, seed, tile_layers)
