@@ -22,6 +22,7 @@ from ckaflow.cka.engine import (
     partition,
     partition_digest,
     pass_permutation,
+    self_gram,
 )
 from ckaflow.cka.estimators import gram_linear, hsic_unbiased, linear_cka, row_blocks, u_center
 from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
@@ -30,7 +31,7 @@ from ckaflow.errors import ComparisonError, ConfigError
 from ckaflow.store import open_store
 from tests.cka_stage import compute_tile
 from tests.test_cka import ref_hsic1
-from tests.tolerances import cka_atol
+from tests.tolerances import cka_atol, float32_dot_rtol
 
 N, B, PASSES = 512, 64, 64  # the experiments: 8 blocks per pass, up to 64 passes
 SEEDS = range(12)
@@ -251,8 +252,8 @@ def test_fewer_passes_are_a_prefix_of_more(pair, experiments):
 
 
 def test_one_pass_is_todays_estimator_bit_for_bit(pair):
-    """passes = 1: consecutive blocks, each centred on its own mean, one GEMM in the input's
-    precision: the numbers ckaflow gave before passes existed, whatever the seed."""
+    """passes = 1: consecutive blocks, each centred on its own mean, the block Gram in the
+    input's precision: the numbers ckaflow gave before passes existed, whatever the seed."""
     import torch
 
     x, y = pair
@@ -263,8 +264,7 @@ def test_one_pass_is_todays_estimator_bit_for_bit(pair):
         for i, rows in enumerate(row_blocks(N, B)):
             t = torch.from_numpy(np.ascontiguousarray(values[rows]))
             t = t - t.mean(0)
-            k = (t @ t.T).double().numpy()  # mirrored: a stored Gram keeps its upper triangle
-            expected[i] = np.triu(k) + np.triu(k, 1).T
+            expected[i] = self_gram(t).double().numpy()  # the one block Gram of every path
         np.testing.assert_array_equal(default.grams, expected)
         np.testing.assert_array_equal(seeded.grams, expected)
         assert seeded.partition_key == default.partition_key == (1,)
@@ -272,6 +272,22 @@ def test_one_pass_is_todays_estimator_bit_for_bit(pair):
     assert cka_between([sx], [sy])[0, 0] == pytest.approx(
         cka.minibatch_cka(x, y, batch_size=B), abs=1e-12
     )
+
+
+@pytest.mark.parametrize("rows", [5, 64, 255, 256])
+def test_the_block_gram_is_exactly_symmetric_and_each_entry_a_float32_dot_product(rows):
+    """`self_gram` forms the upper triangle (two GEMMs over halves of the rows, for blocks of
+    `SPLIT_GRAM_ROWS` and more) and mirrors it: every entry within a float32 dot product's
+    rounding of the float64 Gram, the lower triangle the upper's bits."""
+    import torch
+
+    p = 3000
+    t = torch.from_numpy(np.random.default_rng(rows).standard_normal((rows, p)).astype(np.float32))
+    g = self_gram(t).double().numpy()
+    exact = t.double() @ t.double().T
+    scale = t.double().abs() @ t.double().abs().T  # |x|ᵀ|y| of each entry's dot product
+    assert np.array_equal(g, g.T)
+    assert (np.abs(g - exact.numpy()) <= float32_dot_rtol(p) * scale.numpy()).all()
 
 
 # -- the bootstrap -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 
 from ckaflow import config
 from ckaflow.errors import CkaflowError
+from ckaflow.killpoints import ANNOUNCE
 from ckaflow.provenance import PAUSE_WRITE
 from tests.conftest import BIN, ENV, tiny_config
 
@@ -49,7 +50,7 @@ def launch(cmd: list[str], log: Path | None = None, pause: float | None = None) 
     """Start the command, its output unbuffered into `log` (so that it can be watched) or
     nowhere; with `pause`, each write announces itself and holds its finished scratch that many
     seconds before the rename (`provenance._test_pause`)."""
-    env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    env = {**ENV, "PYTHONUNBUFFERED": "1", ANNOUNCE: "1"}
     env.pop(PAUSE_WRITE, None)
     if pause is not None:
         env[PAUSE_WRITE] = str(pause)
@@ -131,6 +132,12 @@ def read_or_refuse(read, out: Path):
         return None
 
 
+def _stage_started(out: Path, log: Path):
+    """When the stage (the CLI command, its imports done) starts working: it announces
+    `stage:start` (`ckaflow.killpoints.announce`)."""
+    return lambda: log.exists() and "ckaflow point: stage:start" in log.read_text()
+
+
 def crash_and_resume(name: str, make_cmd, read, same, tmp_path: Path, working=None, span=None):
     """Reference run; then one kill run for each of KILLS, each followed by a reader check;
     then a run to the end, compared, and checked for leftover scratch. Returns the final run's
@@ -148,7 +155,7 @@ def crash_and_resume(name: str, make_cmd, read, same, tmp_path: Path, working=No
     test `ready()` of that start.
     """
     if working is None:
-        working, span = (lambda out, log: lambda: True), span or (0.3, 0.97)
+        working = _stage_started
     span = span or (0.02, 0.97)
     tmp_path.mkdir(parents=True, exist_ok=True)
     reference = tmp_path / "reference"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -499,7 +500,14 @@ def test_a_restart_with_another_recipe_cancels_the_old_job_first(cluster, slow_d
     assert set(jobs.index) == {old_id, new_id}, jobs
     assert jobs.loc[old_id, "state"].startswith("CANCELLED")
     assert jobs.loc[new_id, "state"] == "COMPLETED"
-    assert jobs.loc[old_id, "end"] <= jobs.loc[new_id, "start"]  # ISO times: string order
+    # the order from the clocks of the waiter (the old job seen ended) and of the new job (its
+    # first line), to the microsecond: sacct's whole seconds cannot order events in a second
+    ended = next(line for line in lines if line.startswith(f"SLURM job {old_id} ended"))
+    log = Path(records / "jobs" / "train" / f"{new_id}_0_log.out").read_text()
+    started = re.search(rf"SLURM job {new_id} started at (\S+)", log)
+    assert started, log[-2000:]
+    seen = re.search(r"seen at (\S+)\)", ended).group(1)
+    assert dt.datetime.fromisoformat(seen) < dt.datetime.fromisoformat(started.group(1))
     meta = torch.load(out_dir / "model.pt", weights_only=True)["meta"]
     assert meta["run_spec"]["recipe"]["epochs"] == 3
     assert pd.read_parquet(out_dir / "metrics.parquet")["epoch"].tolist() == [1, 2, 3]
@@ -519,7 +527,7 @@ def cka_stores(activations, tmp_path_factory) -> dict[str, str]:
     }
 
 
-def _cka_command(stores: dict[str, str], copies: int) -> list[str]:
+def _cka_command(stores: dict[str, str], copies: int, query_timeout_s: float = 30) -> list[str]:
     """`ckaflow cka` as the workflow calls it, on the SLURM backend: `copies` comparisons of
     the two stores, each with 20,000 bootstrap replicates, so that the job runs for a while."""
     comparisons = [
@@ -531,7 +539,7 @@ def _cka_command(stores: dict[str, str], copies: int) -> list[str]:
     slurm = {
         "partition": "debug",
         "poll_s": 0.5,
-        "query_timeout_s": 30,
+        "query_timeout_s": query_timeout_s,
         "cka": {"gpus": 0, "cpus": 1, "mem_gb": 2, "time_min": 10},
     }
     return [
@@ -597,3 +605,85 @@ def test_the_cka_job_reattaches_after_its_waiter_dies_and_reruns_after_a_kill(
         again.sort_values(key, ignore_index=True).drop(columns="code_version"),
         done.sort_values(key, ignore_index=True).drop(columns="code_version"),
     )
+
+
+# -- faults: a waiter killed after sbatch, a scheduler that stops answering ---------------------
+
+SLURM_ROOT = Path(os.environ.get("CKAFLOW_SLURM_ROOT", "/var/tmp/ckaflow-slurm"))
+
+
+def _stop_daemon(name: str) -> None:
+    """SIGTERM a daemon of the test cluster (by its PID file) and wait until it is gone."""
+    pid = int((SLURM_ROOT / "pids" / f"{name}.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    _wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, f"{name} to stop")
+
+
+def _start_daemon(name: str, ready: list[str]) -> None:
+    subprocess.run([name], check=True, timeout=60)
+    ok = lambda: subprocess.run(ready, capture_output=True, timeout=30).returncode == 0  # noqa: E731
+    _wait_for(ok, 60, f"{name} to answer")
+
+
+@pytest.mark.timeout(400)
+def test_a_waiter_killed_right_after_sbatch_is_adopted_by_the_restart(
+    cluster, cka_stores, tmp_path
+):
+    """Killed between `sbatch` and the record (the kill point `launch:submitted`, not a
+    sleep): no record names the job, yet the restart finds it by its name and identity and
+    adopts it; `sacct` lists one job."""
+    since = _since()
+    name = "ckaflow-cka:cka/pairs.parquet"
+    cmd = _cka_command(cka_stores, copies=6)
+    earlier = set(sacct_jobs(since)["id"])
+    killed = subprocess.run(
+        cmd, cwd=tmp_path, env={**ENV, "CKAFLOW_KILL_AT": "launch:submitted"},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not list((tmp_path / "results" / ".slurm" / "records").glob("*.json"))
+    restart = _start(cmd, tmp_path)
+    out, _ = restart.communicate(timeout=300)
+    assert restart.returncode == 0, out[-3000:]
+    adopted = re.search(r"adopting SLURM job (\d+)", out)
+    assert adopted, out[-3000:]
+    jobs = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
+    assert sorted(set(jobs["id"]) - earlier) == [adopted.group(1)], jobs
+
+
+@pytest.mark.timeout(500)
+def test_a_restart_while_the_scheduler_is_down_waits_and_reattaches(cluster, cka_stores, tmp_path):
+    """The incident of issue 23: a job running, its waiter killed, and the restart made while
+    slurmctld and slurmdbd are stopped. The restart asks again with backoff (it used to read
+    the silence as "ended" and submit a second job), the daemons come back, it reattaches:
+    one job in `sacct`, the stage completes."""
+    since = _since()
+    record = tmp_path / "results" / ".slurm" / "records" / "results__cka__pairs.parquet.json"
+    name = "ckaflow-cka:cka/pairs.parquet"
+    cmd = _cka_command(cka_stores, copies=12, query_timeout_s=90)
+    earlier = set(sacct_jobs(since)["id"])  # a job of the test before may end within `since`
+    first = _start(cmd, tmp_path)
+    _wait_until_running(record, 120, "the CKA job")
+    first.kill()
+    first.wait(30)
+    job_id = json.loads(record.read_text())["job_id"]
+    try:
+        _stop_daemon("slurmctld")
+        _stop_daemon("slurmdbd")
+        log = tmp_path / "restart.log"
+        with log.open("w") as sink:
+            restart = subprocess.Popen(
+                cmd, cwd=tmp_path, env=ENV, stdout=sink, stderr=subprocess.STDOUT, text=True
+            )
+        asking = f"no answer from the scheduler about SLURM job {job_id}"
+        _wait_for(lambda: asking in log.read_text() or restart.poll() is not None, 120, asking)
+        assert restart.poll() is None, log.read_text()[-3000:]  # still asking, not submitting
+    finally:
+        _start_daemon("slurmdbd", ["sacctmgr", "-n", "list", "cluster"])
+        _start_daemon("slurmctld", ["scontrol", "ping"])
+    restart.wait(timeout=300)
+    out = log.read_text()
+    assert restart.returncode == 0, out[-3000:]
+    assert f"reattaching to SLURM job {job_id}" in out, out[-3000:]
+    jobs = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
+    assert sorted(set(jobs["id"]) - earlier) == [job_id], jobs

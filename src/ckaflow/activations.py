@@ -32,6 +32,7 @@ import zarr
 
 from ckaflow import bytecount
 from ckaflow.config import stable_hash
+from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
 from ckaflow.store import ChunkEncoder, ChunkPaths, StoreOptions, open_partial
 
@@ -98,7 +99,9 @@ class _Writer:
                     ]
                     for job in jobs:
                         job.result()
+                    kill_point("chunk:written")
                     self.group.attrs["rows_done"] = rows.stop
+                    torn_write_point("meta:torn", Path(self.group.store.root) / "zarr.json")
             except BaseException as err:  # re-raised in the forward thread
                 self.error = err
             finally:

@@ -60,9 +60,11 @@ def cmd_prepare(args) -> None:
 
 def _launch(args, stage: str, fn, kwargs: dict, key: str):
     """Run a heavy stage here or as a SLURM job, as --backend says."""
+    from ckaflow.killpoints import announce
     from ckaflow.launch import SlurmSpec, run_stage
 
     slurm = SlurmSpec.from_config(json.loads(args.slurm), stage) if args.slurm else None
+    announce("stage:start")
     return run_stage(
         stage,
         fn,
@@ -204,8 +206,10 @@ def cmd_cka(args) -> None:
 
 
 def cmd_merge(args) -> None:
+    from ckaflow.killpoints import announce
     from ckaflow.tables import merge_cka
 
+    announce("stage:start")
     table = merge_cka(args.tables, args.out, args.config_hash)
     print(f"{args.out}: {len(table)} rows from {len(args.tables)} CKA tables")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ckaflow.errors import CkaflowError
+from ckaflow.store import chunk_problems
 
 PROVENANCE_KEYS = (
     "kind",
@@ -54,8 +55,15 @@ def describe_zarr(path: Path) -> str:
         warnings.simplefilter("ignore")
         group = zarr.open_group(path, mode="r")
     attrs = dict(group.attrs)
+    problems = [
+        f"  {name}: {problem}"
+        for name, array in _all_arrays(group)
+        for problem in chunk_problems(array)
+    ]
     state = "complete" if attrs.get("complete") else "INCOMPLETE (no completion flag)"
-    lines = [f"{path}: Zarr group, {state}, {_human(_size(path))} on disk"]
+    if problems:
+        state = f"DAMAGED ({len(problems)} chunk problems; delete it and rerun its stage)"
+    lines = [f"{path}: Zarr group, {state}, {_human(_size(path))} on disk", *problems]
     lines += [f"  {k}: {attrs[k]}" for k in PROVENANCE_KEYS if k in attrs and k != "complete"]
     if "layers" in attrs:
         lines.append(f"  layers: {len(attrs['layers'])}")
@@ -73,6 +81,14 @@ def describe_zarr(path: Path) -> str:
                 f"{str(array.chunks):>18}{_human(_size(path / name / child)):>11}"
             )
     return "\n".join(lines)
+
+
+def _all_arrays(group, prefix: str = ""):
+    """(path, array) of every array in the group and its subgroups."""
+    for name, array in group.arrays():
+        yield f"{prefix}{name}", array
+    for name, sub in group.groups():
+        yield from _all_arrays(sub, f"{prefix}{name}/")
 
 
 def _order(attrs: dict, name: str) -> tuple[int, str]:

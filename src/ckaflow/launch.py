@@ -11,6 +11,7 @@ a hung `sacct` fails the stage instead of hanging the workflow.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 
 from ckaflow.config import schema_defaults, stable_hash
 from ckaflow.errors import CkaflowError
+from ckaflow.killpoints import kill_point
 from ckaflow.provenance import atomic_path
 from ckaflow.study import RESULTS, Study
 
@@ -128,7 +130,10 @@ class StageJob:
             torch.set_num_threads(self.threads)  # same threads, same floating-point sums
         from ckaflow.bytecount import COUNT
 
-        if submitit.JobEnvironment().num_tasks > 1:  # torch.distributed's env:// variables
+        env = submitit.JobEnvironment()
+        if env.global_rank == 0:  # the job's own clock: orders events finer than sacct's seconds
+            print(f"SLURM job {env.job_id} started at {_now()}", flush=True)
+        if env.num_tasks > 1:  # torch.distributed's env:// variables
             submitit.helpers.TorchDistributedEnvironment().export()
         result = self.fn(**kwargs)
         print(f"SLURM job: {COUNT.report()}", flush=True)  # the stage's log: what it moved
@@ -144,22 +149,73 @@ def _record_path(records: Path, key: str) -> Path:
     return records / "records" / f"{key.strip('/').replace('/', '__')}.json"
 
 
-def _query(cmd: list[str], timeout: float) -> str | None:
+# `job_state`'s answer when the scheduler answered and knows no such job (neither the
+# controller nor accounting); None means it did not answer at all.
+NO_SUCH_JOB = "NO SUCH JOB"
+COMMENT_PREFIX = "ckaflow:"  # a job's comment: its identity, so an unrecorded job is recognised
+
+
+@dataclass(frozen=True)
+class _Answer:
+    ok: bool  # the command ran and exited 0
+    out: str
+    err: str
+
+
+def _query(cmd: list[str], timeout: float) -> _Answer:
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
-    except (subprocess.SubprocessError, OSError):
-        return None
-    return out.stdout.strip()
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (subprocess.SubprocessError, OSError) as err:
+        return _Answer(False, "", str(err))
+    return _Answer(done.returncode == 0, done.stdout.strip(), done.stderr.strip())
 
 
 def job_state(job_id: str, timeout: float) -> str | None:
     """The job's state, live from the controller (`squeue`) while it knows the job, else from
-    accounting (`sacct`, which may lag a little behind); None if neither answers."""
-    out = _query(["squeue", "-j", job_id, "-h", "-o", "%T"], timeout)
-    if out:
-        return out.splitlines()[0].strip()
-    out = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], timeout)
-    return out.splitlines()[-1].split()[0] if out else None
+    accounting (`sacct`, which may lag a little behind); `NO_SUCH_JOB` when both answered and
+    neither knows it; None when the scheduler did not answer (a busy or restarting controller
+    or slurmdbd): unknown, which is never taken to mean ended."""
+    live = _query(["squeue", "-j", job_id, "-h", "-o", "%T"], timeout)
+    if live.ok and live.out:
+        return live.out.splitlines()[0].strip()
+    controller_answered = live.ok or "invalid job id" in live.err.lower()
+    acct = _query(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], timeout)
+    if acct.ok and acct.out:
+        return acct.out.splitlines()[-1].split()[0]
+    # a job the controller does not know and accounting has no line for; a job accounting has
+    # not heard of yet (it lags) is still known to the controller
+    return NO_SUCH_JOB if acct.ok and controller_answered else None
+
+
+def _answered(ask: Callable[[float], Any], what: str, spec: SlurmSpec, log) -> Any:
+    """`ask(timeout)` until it is not None, retried with backoff (poll_s, doubling, at most
+    30 s apart) for up to `query_timeout_s`; then the stage fails, having submitted nothing."""
+    deadline = time.monotonic() + spec.query_timeout_s
+    delay = spec.poll_s
+    while True:
+        answer = ask(max(1.0, min(spec.query_timeout_s, deadline - time.monotonic())))
+        if answer is not None:
+            return answer
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise StageFailed(
+                f"the scheduler has not answered about {what} for {spec.query_timeout_s:.0f}s "
+                "(squeue/sacct); nothing was submitted, so no second job can write this output. "
+                "Rerun once slurmctld and slurmdbd answer: the stage reattaches."
+            )
+        log(f"no answer from the scheduler about {what}; asking again in {min(delay, left):.0f}s")
+        time.sleep(min(delay, left))
+        delay = min(delay * 2, 30.0)
+
+
+def _named_jobs(name: str, timeout: float) -> list[tuple[str, str, str]] | None:
+    """(job id, state, comment) of the controller's jobs with exactly this name; None if it
+    did not answer."""
+    got = _query(["squeue", "-h", "--name", name, "-o", "%i|%T|%k|%j"], timeout)
+    if not got.ok:
+        return None
+    rows = [line.split("|", 3) for line in got.out.splitlines() if line.count("|") >= 3]
+    return [(i.strip(), st.strip(), comment.strip()) for i, st, comment, n in rows if n == name]
 
 
 class _LogTail:
@@ -225,33 +281,46 @@ def run_stage(
         )
     )
     record_path = _record_path(records, key)
+    name = f"ckaflow-{stage}:{key.removeprefix(f'{RESULTS}/')}"
+    folder = records / "jobs" / stage
     job = _reattach(record_path, identity, execution, spec, log)
     if job is None:
-        folder = records / "jobs" / stage
+        job = _adopt(name, identity, folder, spec, log)
+        if job is not None:
+            _write_record(record_path, job.job_id, folder, stage, key, identity, execution)
+    if job is None:
         executor = submitit.AutoExecutor(
             folder=folder, cluster="slurm", slurm_max_num_timeout=spec.max_requeues
         )
-        name = f"ckaflow-{stage}:{key.removeprefix(f'{RESULTS}/')}"
-        executor.update_parameters(**spec.executor_parameters(name))
+        executor.update_parameters(
+            **spec.executor_parameters(name), slurm_comment=COMMENT_PREFIX + identity
+        )
         job = executor.submit(StageJob(fn, spec.cpus), kwargs)
-        record = {
-            "job_id": job.job_id,
-            "folder": str(folder),
-            "stage": stage,
-            "key": key,
-            "identity": identity,
-            "execution": execution,
-            "submitted": time.time(),
-        }
-        with atomic_path(record_path) as scratch:
-            scratch.write_text(json.dumps(record, indent=2))
+        kill_point("launch:submitted")  # the gap a restart closes by the job's name
+        _write_record(record_path, job.job_id, folder, stage, key, identity, execution)
         log(f"submitted SLURM job {job.job_id} for {stage} ({key}); log: {job.paths.stdout}")
     return _wait(job, spec, log)
 
 
+def _write_record(record_path: Path, job_id, folder, stage, key, identity, execution) -> None:
+    record = {
+        "job_id": job_id,
+        "folder": str(folder),
+        "stage": stage,
+        "key": key,
+        "identity": identity,
+        "execution": execution,
+        "submitted": time.time(),
+    }
+    with atomic_path(record_path) as scratch:
+        scratch.write_text(json.dumps(record, indent=2))
+
+
 def _reattach(record_path: Path, identity: str, execution: dict, spec: SlurmSpec, log):
     """The recorded job to wait on instead of submitting, or None (after cancelling a job of
-    another identity that is still active: never two jobs writing one output)."""
+    another identity that is still active: never two jobs writing one output). A scheduler
+    that does not answer is asked again until `query_timeout_s`, then the stage fails: a job
+    whose fate is unknown may still be writing."""
     import submitit
 
     if not record_path.exists():
@@ -261,7 +330,10 @@ def _reattach(record_path: Path, identity: str, execution: dict, spec: SlurmSpec
     except (OSError, ValueError):
         return None
     job_id = record.get("job_id")
-    state = job_state(job_id, spec.query_timeout_s) if job_id else None
+    if not job_id:
+        return None
+    what = f"SLURM job {job_id} ({record.get('key')})"
+    state = _answered(lambda timeout: job_state(job_id, timeout), what, spec, log)
     if record.get("identity") != identity:  # another computation of the same output
         if state in ACTIVE:
             log(
@@ -282,8 +354,29 @@ def _reattach(record_path: Path, identity: str, execution: dict, spec: SlurmSpec
                 "they apply to the next submission, not to this job"
             )
         return submitit.SlurmJob(folder=record["folder"], job_id=job_id)
-    log(f"SLURM job {job_id} ended {state}; submitting anew")
+    ended = "is unknown to the scheduler" if state == NO_SUCH_JOB else f"ended {state}"
+    log(f"SLURM job {job_id} {ended}; submitting anew")
     return None
+
+
+def _adopt(name: str, identity: str, folder: Path, spec: SlurmSpec, log):
+    """An active job of this stage's name that no record names (its submitter died before
+    writing the record): adopted if its comment carries this identity, else cancelled and
+    awaited. None when there is nothing to adopt."""
+    import submitit
+
+    jobs = _answered(lambda timeout: _named_jobs(name, timeout), f"jobs named {name}", spec, log)
+    adopted = None
+    for job_id, state, comment in jobs:
+        if state not in ACTIVE:
+            continue
+        if adopted is None and comment == COMMENT_PREFIX + identity:
+            log(f"adopting SLURM job {job_id} ({state}): submitted for this output, never recorded")
+            adopted = job_id
+        else:
+            log(f"SLURM job {job_id} ({state}) named {name} computes other settings; cancelling it")
+            _cancel_and_wait(job_id, spec, log)
+    return None if adopted is None else submitit.SlurmJob(folder=folder, job_id=adopted)
 
 
 def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
@@ -299,18 +392,22 @@ def _changed(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 
 def _cancel_and_wait(job_id: str, spec: SlurmSpec, log) -> None:
-    """scancel the job, then wait until the scheduler reports it ended."""
-    subprocess.run(["scancel", job_id], capture_output=True, text=True, timeout=60)
+    """scancel the job (again while it is still active), then wait until the scheduler
+    reports it ended; no answer is not an end."""
     deadline = time.monotonic() + CANCEL_WAIT_S
+    state = "PENDING"
     while time.monotonic() < deadline:
+        if state in ACTIVE:
+            _query(["scancel", job_id], spec.query_timeout_s)
         state = job_state(job_id, spec.query_timeout_s)
         if state is not None and state not in ACTIVE:
-            log(f"SLURM job {job_id} ended {state}")
+            log(f"SLURM job {job_id} ended {state} (seen at {_now()})")
             return
         time.sleep(spec.poll_s)
     raise StageFailed(
-        f"SLURM job {job_id} was cancelled but has not ended after {CANCEL_WAIT_S:.0f}s; "
-        "a new job for the same output is not submitted while it may still write"
+        f"SLURM job {job_id} was cancelled but has not been seen to end after "
+        f"{CANCEL_WAIT_S:.0f}s; a new job for the same output is not submitted while it may "
+        "still write"
     )
 
 
@@ -322,12 +419,15 @@ def _wait(job, spec: SlurmSpec, log) -> Any:
     while True:
         state = job_state(job.job_id, spec.query_timeout_s)
         tail.pump()
-        if state is None:
+        if state is None or state == NO_SUCH_JOB:
             unknown_since = unknown_since or time.monotonic()
             if time.monotonic() - unknown_since > spec.query_timeout_s:
+                why = "not answered" if state is None else "known no such job"
                 raise StageFailed(
-                    f"the scheduler has not reported on job {job.job_id} for "
-                    f"{spec.query_timeout_s:.0f}s (sacct/squeue); is slurmdbd up?"
+                    f"the scheduler has {why} about SLURM job {job.job_id} for "
+                    f"{spec.query_timeout_s:.0f}s (squeue/sacct); nothing else was submitted. "
+                    "The job may still run: rerun once slurmctld and slurmdbd answer, and the "
+                    "stage reattaches to it."
                 )
         else:
             unknown_since = None
@@ -354,6 +454,10 @@ def _wait(job, spec: SlurmSpec, log) -> Any:
             f"SLURM job {job.job_id} was cancelled ({state}); rerun the workflow to submit again"
         )
     raise StageFailed(f"SLURM job {job.job_id} ended {state}; see {job.paths.stderr}")
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="microseconds")
 
 
 def running_in_slurm_job() -> bool:

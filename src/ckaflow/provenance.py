@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 from ckaflow import __version__, bytecount
+from ckaflow.killpoints import kill_point
 
 
 @cache
@@ -118,15 +119,19 @@ def replace_into_place(finished: Path, path: Path) -> None:
     aside and deleted only after, so a kill at any moment leaves the old artifact whole, or
     nothing (which the stage then remakes), never a half-deleted one that looks finished."""
     _test_pause(finished, path)
+    kill_point("write:scratch")
     for stale in path.parent.glob(f".{path.name}.old-*"):  # left by a kill between renames
         _remove(stale)
     if path.is_dir() and not path.is_symlink():
         aside = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, aside)
+        kill_point("write:aside")
         os.replace(finished, path)
+        kill_point("write:renamed")
         _remove(aside)
     else:
         os.replace(finished, path)
+        kill_point("write:renamed")
 
 
 def _remove(path: Path) -> None:

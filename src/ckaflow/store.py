@@ -118,6 +118,36 @@ def check_chunks(path: Path, group: zarr.Group) -> None:
                 f"{path}: layer {name} lacks chunk files {missing} of {chunks} (a damaged "
                 "store); delete it and rerun its stage"
             )
+        wrong = chunk_problems(array, decode=False)
+        if wrong:
+            raise StoreError(f"{path}: layer {name}: {wrong[0]}; delete it and rerun its stage")
+
+
+def chunk_problems(array: zarr.Array, decode: bool = True) -> list[str]:
+    """Why plain Zarr could not read this array, or []: a chunk file of another size than the
+    chunk (uncompressed arrays: every file, from its size alone), or with `decode` a first or
+    last chunk that does not decode to the chunk's shape (compressed ones: the last chunk is
+    where a short selection's rows could outgrow their array)."""
+    problems = []
+    expected = int(np.prod(array.chunks)) * array.dtype.itemsize
+    row_chunks = -(-array.shape[0] // array.chunks[0]) if array.shape else 1
+    if not array.compressors and tuple(array.chunks[1:]) == tuple(array.shape[1:]):
+        paths = ChunkPaths(array)
+        for i in range(row_chunks):
+            size = paths(i).stat().st_size if paths(i).exists() else expected
+            if size != expected:
+                problems.append(f"chunk {i} holds {size} bytes where its shape needs {expected}")
+    if decode and array.shape and array.shape[0]:
+        last = (row_chunks - 1) * array.chunks[0]
+        for rows in {
+            0: slice(0, min(array.chunks[0], array.shape[0])),
+            1: slice(last, None),
+        }.values():
+            try:
+                array[rows]
+            except Exception as err:  # zarr raises several kinds for a malformed chunk
+                problems.append(f"rows {rows.start}.. do not read with Zarr: {err}")
+    return problems
 
 
 def open_partial(

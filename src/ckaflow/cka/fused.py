@@ -48,6 +48,7 @@ from ckaflow.cka.gram import (
 )
 from ckaflow.config import stable_hash
 from ckaflow.errors import StoreError
+from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
 from ckaflow.store import ChunkPaths, open_partial
 
@@ -115,7 +116,9 @@ class _Flusher:
                     bytecount.wrote(packed.nbytes)
                 except OSError as err:  # write() errors name no file
                     raise OSError(err.errno, err.strerror, err.filename or str(path)) from err
+        kill_point("chunk:written")
         self.group.attrs["units_done"] = units_done
+        torn_write_point("meta:torn", Path(self.group.store.root) / "zarr.json")
         self.pending.clear()
         self.bytes = 0
         self.last = time.monotonic()
