@@ -7,6 +7,7 @@ Deselect with `-m "not slurm"` on a machine without root.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from ckaflow.launch import ACTIVE, SlurmSpec, StageFailed, job_state, run_stage
 from ckaflow.train.loop import train_run
 from tests import slurm_jobs
 from tests.conftest import ENV, REPO, snakemake_cmd, tiny_config
+from tests.test_determinism import MAY_DIFFER, TABLES, assert_bit_identical
 
 pytestmark = pytest.mark.slurm
 
@@ -349,9 +351,9 @@ def test_a_job_past_its_time_limit_is_requeued_and_completes(cluster, slow_data,
     assert jobs.query(f"id == '{record['job_id']}'")["state"].tolist() == ["COMPLETED"]
 
 
-def _snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
+def _snakemake(workdir: Path, configfile: Path, *args: str) -> subprocess.Popen:
     return subprocess.Popen(
-        snakemake_cmd(workdir, configfile, "--rerun-incomplete", cores=4),
+        snakemake_cmd(workdir, configfile, "--rerun-incomplete", *args, cores=4),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -360,12 +362,20 @@ def _snakemake(workdir: Path, configfile: Path) -> subprocess.Popen:
     )
 
 
-@pytest.mark.timeout(400)
-def test_tiny_pipeline_on_slurm_end_to_end(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def fault_free(cluster, tmp_path_factory) -> tuple[Path, str]:
+    """The tiny study run on the cluster without faults: its folder, and when it started."""
+    workdir = tmp_path_factory.mktemp("fault-free")
     since = _since()
-    proc = _snakemake(tmp_path, REPO / "tests" / "configs" / "tiny-slurm.yaml")
+    proc = _snakemake(workdir, REPO / "tests" / "configs" / "tiny-slurm.yaml")
     out, _ = proc.communicate(timeout=380)
     assert proc.returncode == 0, out[-5000:]
+    return workdir, since
+
+
+@pytest.mark.timeout(400)
+def test_tiny_pipeline_on_slurm_end_to_end(fault_free):
+    tmp_path, since = fault_free
     table = pd.read_parquet(tmp_path / "results" / "tables" / "cka.parquet")
     assert set(table["kind"]) == {"within", "cross", "invariance", "class"}
     runs = ["simclr-resnet18-w4-s0", "supervised-resnet18-w4-s0"]
@@ -660,7 +670,7 @@ def test_a_restart_while_the_scheduler_is_down_waits_and_reattaches(cluster, cka
     since = _since()
     record = tmp_path / "results" / ".slurm" / "records" / "results__cka__pairs.parquet.json"
     name = "ckaflow-cka:cka/pairs.parquet"
-    cmd = _cka_command(cka_stores, copies=12, query_timeout_s=90)
+    cmd = _cka_command(cka_stores, copies=6, query_timeout_s=90)
     earlier = set(sacct_jobs(since)["id"])  # a job of the test before may end within `since`
     first = _start(cmd, tmp_path)
     _wait_until_running(record, 120, "the CKA job")
@@ -687,3 +697,106 @@ def test_a_restart_while_the_scheduler_is_down_waits_and_reattaches(cluster, cka
     assert f"reattaching to SLURM job {job_id}" in out, out[-3000:]
     jobs = sacct_jobs(since, _named(name)).query(f"name == '{name}'")
     assert sorted(set(jobs["id"]) - earlier) == [job_id], jobs
+
+
+# -- a soak under faults -----------------------------------------------------------------------
+
+
+def _jobs_named(prefix: str) -> list[tuple[str, str, str]]:
+    out = subprocess.run(
+        ["squeue", "-h", "-o", "%i|%T|%j"], capture_output=True, text=True, timeout=30
+    ).stdout
+    rows = [line.split("|", 2) for line in out.splitlines() if line.count("|") >= 2]
+    return [(i, state, name) for i, state, name in rows if name.startswith(prefix)]
+
+
+def _job_in(prefix: str, states: set[str], timeout: float) -> str | None:
+    """The id of a job in one of `states` whose name starts with `prefix`, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [i for i, state, _ in _jobs_named(prefix) if state in states]
+        if found:
+            return found[0]
+        time.sleep(0.2)
+    return None
+
+
+def _scancel(*args: str) -> bool:
+    return subprocess.run(["scancel", *args], capture_output=True, timeout=30).returncode == 0
+
+
+def _inject_faults(results: Path, injected: list[str]) -> None:
+    """The fault script, each step bounded in time: a training job preempted (USR2: submitit
+    checkpoints and requeues it), an extract job cancelled, slurmctld stopped for 5 s, and the
+    results disk filled for 3 s."""
+    job = _job_in("ckaflow-train:", {"RUNNING"}, 180)
+    if job and _scancel("--signal", "USR2", job):
+        injected.append(f"requeued training job {job}")
+    job = _job_in("ckaflow-extract:", {"PENDING", "RUNNING"}, 240)
+    if job and _scancel(job):
+        injected.append(f"cancelled extract job {job}")
+    _stop_daemon("slurmctld")
+    time.sleep(5)
+    _start_daemon("slurmctld", ["scontrol", "ping"])
+    injected.append("stopped slurmctld for 5 s")
+    _job_in("ckaflow-", {"PENDING", "RUNNING"}, 120)  # while some stage still writes
+    filler = results / "filler"
+    try:
+        with filler.open("wb") as sink:
+            while True:
+                sink.write(bytes(8 << 20))
+    except OSError:  # no space left: the disk is full
+        injected.append("filled the results disk for 3 s")
+        time.sleep(3)
+    finally:
+        filler.unlink(missing_ok=True)
+
+
+def _overlaps(jobs: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """Pairs of jobs of one name (one output) whose run times overlap."""
+    ran = jobs[(jobs["start"] != "Unknown") & (jobs["start"] != "None")]
+    pairs = []
+    for name, group in ran.groupby("name"):
+        spans = sorted(zip(group["start"], group["end"], group["id"], strict=True))
+        pairs += [(name, a[2], b[2]) for a, b in itertools.pairwise(spans) if b[0] < a[1]]
+    return pairs
+
+
+@pytest.mark.timeout(900)
+def test_a_study_under_faults_ends_equal_to_a_fault_free_one(fault_free, tmp_path):
+    """The tiny study on the cluster while a fault script preempts a training job, cancels an
+    extract job, stops and starts slurmctld and fills the results disk; then one plain rerun.
+    Every table equals the fault-free run's, and no two jobs of one output ran at once."""
+    reference, _ = fault_free
+    results = tmp_path / "results"
+    results.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(results)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr!r}")
+    try:
+        since = _since()
+        configfile = REPO / "tests" / "configs" / "tiny-slurm.yaml"
+        injected: list[str] = []
+        faults = threading.Thread(target=_inject_faults, args=(results, injected), daemon=True)
+        first = _snakemake(tmp_path, configfile, "--keep-going")
+        faults.start()
+        first_out, _ = first.communicate(timeout=500)
+        faults.join(60)
+        assert len(injected) == 4, (injected, first_out[-5000:])
+        rerun = _snakemake(tmp_path, configfile)
+        out, _ = rerun.communicate(timeout=300)
+        assert rerun.returncode == 0, out[-5000:]
+        for name in TABLES:  # the result tables, bit for bit (the others hold timings)
+            ours, theirs = (
+                pd.read_parquet(folder / "tables" / f"{name}.parquet")
+                for folder in (results, reference / "results")
+            )
+            assert_bit_identical(name, ours, theirs, MAY_DIFFER[name])
+        jobs = _sacct(since, "JobIDRaw,JobName%300,Start,End", ["id", "name", "start", "end"])
+        jobs = jobs[jobs["name"].str.startswith("ckaflow-")]
+        assert _overlaps(jobs) == [], jobs
+        print(f"soak: {'; '.join(injected)}; {len(jobs)} jobs; first run exit {first.returncode}")
+    finally:
+        subprocess.run(["umount", "-l", str(results)], check=False)
