@@ -18,10 +18,11 @@ mode's time is the best over rounds and passes, as this machine's speed varies f
 
 Derived: the fused stage's compute limit = time(a) + the Gram GEMMs' time at the measured rate
 (sum over layers and blocks of 2·m²·d FLOPs: full Grams t tᵀ, although the stage forms only
-each Gram's upper triangle, three quarters of them, `engine.self_gram`); the goals (c)/(b) >= 2.5 and limit/(b) >= 0.8
-are printed as met or not. Peak RSS: VmHWM above the process's RSS once torch and the data are
-loaded (Linux, reset through /proc/self/clear_refs). When (b) misses its goal (or with
-`--profile always`) one more subprocess times where the fused stage's time goes.
+each Gram's upper triangle, three quarters of them, `engine.self_gram`); the goals
+(c)/(b) >= 2.5 and limit/(b) >= 0.8 are printed as met or not. Peak RSS: VmHWM above the
+process's RSS once torch and the data are loaded (Linux, reset through /proc/self/clear_refs).
+When (b) misses its goal (or with `--profile always`) one more subprocess times where the fused
+stage's time goes.
 """
 
 from __future__ import annotations

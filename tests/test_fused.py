@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ckaflow.cka.engine import cka_between
+from ckaflow.cka.engine import block_centre, cka_between
 from ckaflow.cka.fused import _Flusher, fused_gram_store
 from ckaflow.cka.gram import gram_store, load_stats, open_gram
 from ckaflow.errors import ConfigError, StoreError
@@ -107,8 +107,9 @@ def test_bf16_channels_last_forward_on_the_cpu(trained, prepared, tmp_path):
 
 def test_gram_products_are_float32_under_bf16_autocast(trained, prepared, tmp_path):
     """The forward runs in bf16, the Gram product must not: the stored Gram of a block equals
-    the float32 product of that block's (bf16) activations, centred, to float32 precision (the
-    sum of two float32 Gram bounds, `gram_atol`; a bf16 product would be off by ~2⁻⁹ relative)."""
+    the float32 product of that block's (bf16) activations, centred (`block_centre`), to float32
+    precision (the sum of two float32 Gram bounds, `gram_atol`; a bf16 product would be off by
+    ~2⁻⁹ relative)."""
     from ckaflow.data import open_prepared
     from ckaflow.models import load_network, record_layers
 
@@ -123,7 +124,7 @@ def test_gram_products_are_float32_under_bf16_autocast(trained, prepared, tmp_pa
     x = seen[layer]
     assert x.dtype == torch.bfloat16
     bound = 2 * gram_atol(x.float().numpy())
-    x = x.float() - x.float().mean(0)
+    x = x.float() - block_centre(x.float())  # the stage's centre
     want = (x @ x.T).double().numpy()
     got = _stats(out)[1][0].grams[0]
     assert (np.abs(got - want) <= bound).all(), np.abs(got - want).max()
