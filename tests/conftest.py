@@ -102,3 +102,15 @@ def activations(tmp_path_factory, trained, prepared) -> dict[tuple[str, str], Pa
         for method, model in trained.items()
         for view in ("clean", "aug1")
     }
+
+
+@pytest.fixture(scope="module")
+def grams(activations, tmp_path_factory) -> dict[str, Path]:
+    """Minibatch Gram stores (64-row blocks) of both runs' clean activations."""
+    from ckaflow.cka.gram import gram_store
+
+    root = tmp_path_factory.mktemp("grams")
+    return {
+        method: gram_store(activations[(method, "clean")], root / f"{method}.zarr", "minibatch", 64)
+        for method in ("simclr", "supervised")
+    }

@@ -228,12 +228,14 @@ def _same_table(a: pd.DataFrame, b: pd.DataFrame) -> bool:
     return a.drop(columns=drop).equals(b.drop(columns=drop))
 
 
-@pytest.mark.crash
-def test_training_killed_at_random_points(prepared, tmp_path):
-    cfg = tiny_config(
-        recipes={"simclr": {"epochs": 3, "batch_size": 32, "optimizer": "lars", "lr": 0.5}}
-    )
-    run = next(r for r in config.run_specs(cfg) if r.method == "simclr")
+# -- the stages' commands, shared with tests/test_kill_points.py ------------------------------
+
+
+def train_command(method: str, recipe: dict, prepared: Path):
+    """`ckaflow train` of the tiny study's run of `method` with `recipe`, checkpointing every
+    two steps: out -> command."""
+    cfg = tiny_config(recipes={method: recipe})
+    run = next(r for r in config.run_specs(cfg) if r.method == method)
     spec = json.dumps(
         {"run": config.to_jsonable(run), "augment": config.to_jsonable(config.augment_spec(cfg))}
     )
@@ -244,12 +246,12 @@ def test_training_killed_at_random_points(prepared, tmp_path):
             "--threads", 1, "--checkpoint", json.dumps({"every_steps": 2}),
         )  # fmt: skip
 
-    crash_and_resume("train", cmd, _model_state, _same_model, tmp_path)
+    return cmd
 
 
-@pytest.mark.crash
-def test_extraction_killed_at_random_points(trained, prepared, tmp_path):
-    from ckaflow.store import open_store
+def extract_command(trained, prepared):
+    """`ckaflow extract` of the supervised run's aug1 view into out/aug1.zarr, in 32-row
+    chunks: out -> command."""
 
     def cmd(out):
         return ckaflow(
@@ -258,10 +260,39 @@ def test_extraction_killed_at_random_points(trained, prepared, tmp_path):
             "--threads", 1,
         )  # fmt: skip
 
+    return cmd
+
+
+def fused_gram_command(trained, prepared):
+    """The fused Gram stage of the SimCLR run (2 passes of 64-row blocks: 6 blocks), flushing
+    after every block, into out/g.zarr: out -> command."""
+
+    def cmd(out):
+        return ckaflow(
+            "gram", "--model", trained["simclr"], "--data", prepared, "--view", "clean",
+            "--out", out / "g.zarr", "--estimator", "minibatch", "--batch-size", 64,
+            "--passes", 2, "--seed", 7, "--flush-s", 0, "--device", "cpu", "--threads", 1,
+            "--backend", "local",
+        )  # fmt: skip
+
+    return cmd
+
+
+@pytest.mark.crash
+def test_training_killed_at_random_points(prepared, tmp_path):
+    recipe = {"epochs": 3, "batch_size": 32, "optimizer": "lars", "lr": 0.5}
+    cmd = train_command("simclr", recipe, prepared)
+    crash_and_resume("train", cmd, _model_state, _same_model, tmp_path)
+
+
+@pytest.mark.crash
+def test_extraction_killed_at_random_points(trained, prepared, tmp_path):
+    from ckaflow.store import open_store
+
     def read(out):
         return _store_arrays(out / "aug1.zarr", open_store)
 
-    crash_and_resume("extract", cmd, read, _same_arrays, tmp_path)
+    crash_and_resume("extract", extract_command(trained, prepared), read, _same_arrays, tmp_path)
 
 
 @pytest.mark.crash
@@ -313,13 +344,7 @@ def test_fused_gram_killed_at_random_points(trained, prepared, tmp_path):
     from (and not start over), to the same bits as an uninterrupted run."""
     from ckaflow.cka.gram import open_gram
 
-    def cmd(out):
-        return ckaflow(
-            "gram", "--model", trained["simclr"], "--data", prepared, "--view", "clean",
-            "--out", out / "g.zarr", "--estimator", "minibatch", "--batch-size", 64,
-            "--passes", 2, "--seed", 7, "--flush-s", 0, "--device", "cpu", "--threads", 1,
-            "--backend", "local",
-        )  # fmt: skip
+    cmd = fused_gram_command(trained, prepared)
 
     def read(out):
         return _store_arrays(out / "g.zarr", open_gram)
@@ -346,17 +371,6 @@ def test_fused_gram_killed_at_random_points(trained, prepared, tmp_path):
 
     for folder in ("reference", "crashed", "flushed"):
         assert [p.name for p in (tmp_path / folder).iterdir()] == ["g.zarr"], folder
-
-
-@pytest.fixture(scope="module")
-def grams(activations, tmp_path_factory) -> dict[str, Path]:
-    from ckaflow.cka.gram import gram_store
-
-    root = tmp_path_factory.mktemp("grams")
-    return {
-        method: gram_store(activations[(method, "clean")], root / f"{method}.zarr", "minibatch", 64)
-        for method in ("simclr", "supervised")
-    }
 
 
 @pytest.mark.crash

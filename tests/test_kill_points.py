@@ -19,9 +19,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ckaflow import config
 from ckaflow.killpoints import ENV as KILL_AT
-from tests.conftest import ENV, tiny_config
+from tests.conftest import ENV
 from tests.test_crash import (
     _model_state,
     _same_arrays,
@@ -29,8 +28,11 @@ from tests.test_crash import (
     _same_table,
     _store_arrays,
     ckaflow,
+    extract_command,
+    fused_gram_command,
     leftovers,
     run_to_end,
+    train_command,
 )
 
 pytestmark = pytest.mark.crash
@@ -68,18 +70,7 @@ def kill_then_rerun(points, make_cmd, read, same, tmp_path: Path, before=None) -
 
 
 def test_training_killed_at_each_checkpoint_write(prepared, tmp_path):
-    cfg = tiny_config(recipes={"supervised": {"epochs": 2, "batch_size": 32, "lr": 0.05}})
-    run = next(r for r in config.run_specs(cfg) if r.method == "supervised")
-    spec = json.dumps(
-        {"run": config.to_jsonable(run), "augment": config.to_jsonable(config.augment_spec(cfg))}
-    )
-
-    def cmd(out):
-        return ckaflow(
-            "train", "--spec", spec, "--data", prepared, "--out-dir", out, "--device", "cpu",
-            "--threads", 1, "--checkpoint", json.dumps({"every_steps": 2}),
-        )  # fmt: skip
-
+    cmd = train_command("supervised", {"epochs": 2, "batch_size": 32, "lr": 0.05}, prepared)
     writes = _atomic_writes(cmd(tmp_path / "count"))  # checkpoints, then metrics and model
     # a checkpoint finished and not renamed; one renamed; the metrics written, the model not
     points = ("write:scratch@2", "write:renamed@3", f"write:scratch@{writes}")
@@ -104,12 +95,7 @@ def test_extraction_killed_between_a_chunk_and_its_progress_and_in_its_metadata(
 ):
     from ckaflow.store import open_store
 
-    def cmd(out):
-        return ckaflow(
-            "extract", "--model", trained["supervised"], "--data", prepared, "--view", "aug1",
-            "--out", out / "aug1.zarr", "--batch-size", 16, "--chunk-rows", 32, "--device", "cpu",
-            "--threads", 1,
-        )  # fmt: skip
+    cmd = extract_command(trained, prepared)
 
     def read(out):
         return _store_arrays(out / "aug1.zarr", open_store)
@@ -139,13 +125,7 @@ def test_fused_gram_killed_between_a_flush_and_its_progress_and_in_its_metadata(
 ):
     from ckaflow.cka.gram import open_gram
 
-    def cmd(out):
-        return ckaflow(
-            "gram", "--model", trained["simclr"], "--data", prepared, "--view", "clean",
-            "--out", out / "g.zarr", "--estimator", "minibatch", "--batch-size", 64,
-            "--passes", 2, "--seed", 7, "--flush-s", 0, "--device", "cpu", "--threads", 1,
-            "--backend", "local",
-        )  # fmt: skip
+    cmd = fused_gram_command(trained, prepared)
 
     def read(out):
         return _store_arrays(out / "g.zarr", open_gram)
@@ -153,17 +133,6 @@ def test_fused_gram_killed_between_a_flush_and_its_progress_and_in_its_metadata(
     points = ("chunk:written@3", "meta:torn@3", "write:scratch", "write:renamed")
     logs = kill_then_rerun(points, cmd, read, _same_arrays, tmp_path)
     assert "after 2 units" in logs["chunk:written@3"], logs["chunk:written@3"][-2000:]
-
-
-@pytest.fixture(scope="module")
-def grams(activations, tmp_path_factory) -> dict[str, Path]:
-    from ckaflow.cka.gram import gram_store
-
-    root = tmp_path_factory.mktemp("grams")
-    return {
-        method: gram_store(activations[(method, "clean")], root / f"{method}.zarr", "minibatch", 64)
-        for method in ("simclr", "supervised")
-    }
 
 
 def test_the_cka_job_and_the_merge_killed_at_each_write(grams, tmp_path):

@@ -92,7 +92,7 @@ def test_data_gram_and_label_stores_read_with_plain_zarr(prepared, activations, 
         assert arrays[layer].shape[0] == len(store.attrs["block_rows"]), path
 
 
-def test_inspect_and_the_reader_find_a_chunk_of_the_wrong_size(activations, grams, tmp_path):
+def test_inspect_and_the_reader_find_a_chunk_of_the_wrong_size(activations, one_gram, tmp_path):
     """The damage of the issue, made by hand: a last chunk holding more rows than its array
     (compressed: found by decoding it), and a Gram block cut short (uncompressed: found from
     its size). A store with either is not called complete, and the reader refuses it."""
@@ -104,7 +104,7 @@ def test_inspect_and_the_reader_find_a_chunk_of_the_wrong_size(activations, gram
 
     for source, layer, damage, opener in (
         (activations[("simclr", "clean")], "pool", lambda b: b + b, open_store),
-        (grams, "layer1.0.out", lambda b: b[:-4], open_gram),
+        (one_gram, "layer1.0.out", lambda b: b[:-4], open_gram),
     ):
         damaged = tmp_path / Path(source).name
         shutil.copytree(source, damaged)
@@ -120,7 +120,7 @@ def test_inspect_and_the_reader_find_a_chunk_of_the_wrong_size(activations, gram
 
 
 @pytest.fixture
-def grams(activations, tmp_path) -> Path:
+def one_gram(activations, tmp_path) -> Path:
     from ckaflow.cka.gram import gram_store
 
     return gram_store(activations[("simclr", "clean")], tmp_path / "g" / "g.zarr", "minibatch", 64)
