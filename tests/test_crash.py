@@ -31,7 +31,7 @@ from tests.conftest import BIN, ENV, tiny_config
 
 # where each kill run is killed, in turn: inside a write (the first run, whose output folder is
 # empty, always reaches the write it aims at), or at a random moment (see crash_and_resume)
-KILLS = ("write", "time", "write")
+KILLS = ("write", "time")
 PAUSE_S = 0.4  # how long a write of a "write" kill run holds its finished scratch
 
 

@@ -124,10 +124,12 @@ def test_paper_config_plan():
     assert 2.5e9 < next(iter(costs.forward_flops.values())) < 2.7e9
     per_image = next(iter(costs.all_activation_bytes.values())) / costs.examples / 2
     assert per_image == 4_747_392  # every SimCLR layer, heads included (README table)
-    # 10 passes of 39 blocks of 256 rows and one of 16: 2 (39 · 256² + 16²) · 10 FLOPs a value
+    # 10 passes of 39 blocks of 256 rows and one of 16; a 256-row block's Gram is formed as its
+    # upper triangle (128 rows against 256, 128 against 128), a 16-row one whole:
+    # 2 (39 · (128 · 256 + 128²) + 16²) · 10 FLOPs a value
     assert costs.gram_blocks == 400 and costs.examples == 10_000
     values = sum(costs.all_activation_bytes.values()) / 2 / 10_000
-    assert costs.gram_flops == 2 * (39 * 256**2 + 16**2) * 10 * values
+    assert costs.gram_flops == 2 * (39 * (128 * 256 + 128**2) + 16**2) * 10 * values
 
 
 def test_plan_gives_each_stage_its_bytes_and_times_and_the_critical_path():
@@ -218,10 +220,13 @@ def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations
     assert costs.gram_store_bytes[(run, "clean")] == stored
     layer = source.layers[3]["name"]
     values = source[layer][...]
-    for passes in (1, 3):
+    for estimator, passes in (("minibatch", 1), ("minibatch", 3), ("debiased", 1)):
         with FlopCounterMode(display=False) as counter:
-            gram_stats(torch.from_numpy(values), batch_size=64, passes=passes, device="cpu")
-        predicted = gram_layer_cost("minibatch", len(values), 64, passes, values.shape[1])[1]
+            gram_stats(
+                torch.from_numpy(values), estimator=estimator, batch_size=64, passes=passes,
+                device="cpu",
+            )  # fmt: skip
+        predicted = gram_layer_cost(estimator, len(values), 64, passes, values.shape[1])[1]
         assert counter.get_total_flops() == predicted
 
 

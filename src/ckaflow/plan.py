@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckaflow import config as cfg
-from ckaflow.cka.engine import FULL_DATA_GROUPS
+from ckaflow.cka.engine import FULL_DATA_GROUPS, gram_products
 from ckaflow.cka.estimators import row_blocks
 from ckaflow.cka.fused import MEMORY_BYTES, _layer_groups
 from ckaflow.cka.gram import packed_length
@@ -86,17 +86,22 @@ def gram_layer_cost(
     """(blocks, FLOPs, stored bytes) of one layer's Gram statistics, as the Gram stage
     (`ckaflow.cka.fused`, `ckaflow.cka.engine.gram_stats`) computes them.
 
-    minibatch: 2·m²·d FLOPs per block of m rows, in every pass. Full-data estimators: the n × n
-    Gram from pairs of row chunks, 2·n²·d FLOPs. Stored: each block's upper triangle, float32
+    minibatch: 2·d·`gram_products`(m) FLOPs per block of m rows (about 1.5·m²·d: each block's
+    symmetric Gram is formed as its upper triangle), in every pass. Full-data estimators: the
+    n × n Gram from pairs of `batch_size`-row chunks, each pair below the diagonal once and
+    each diagonal chunk as a block (about n²·d). Stored: each block's upper triangle, float32
     but for the RBF kernel (`ckaflow.cka.gram`).
     """
     itemsize = 8 if estimator == "rbf" else 4
     if estimator == "minibatch":
         rows = [r.stop - r.start for r in row_blocks(n, batch_size)]
-        flops = 2.0 * features * passes * sum(m * m for m in rows)
+        flops = 2.0 * features * passes * sum(gram_products(m) for m in rows)
         size = rows[0] if rows else 0
         return passes * len(rows), flops, passes * len(rows) * packed_length(size) * itemsize
-    return 1, 2.0 * n * n * features, packed_length(n) * itemsize
+    chunks = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    below = (n * n - sum(c * c for c in chunks)) // 2  # the chunk pairs under the diagonal
+    products = below + sum(gram_products(c) for c in chunks)
+    return 1, 2.0 * features * products, packed_length(n) * itemsize
 
 
 def cka_job_memory(

@@ -255,6 +255,15 @@ def _gram_block(a, b) -> np.ndarray:
 SPLIT_GRAM_ROWS = 64
 
 
+def gram_products(m: int) -> int:
+    """Products per feature that `self_gram` forms for m rows (its FLOPs: twice this times
+    the features): the top half of the rows against all, the bottom half against itself."""
+    if m < SPLIT_GRAM_ROWS:
+        return m * m
+    h = (m + 1) // 2
+    return h * m + (m - h) ** 2
+
+
 def self_gram(t):
     """t tᵀ for centred rows t (a torch tensor, on its device, in its precision), exactly
     symmetric: the upper triangle mirrored. A GEMM need not round (i, j) and (j, i) alike, and
