@@ -16,4 +16,5 @@ rule extract:
     shell:
         "ckaflow extract --model {input.model} --data {input.data} --view {wildcards.view}"
         " --out {output} --store {params.spec} --threads {threads}"
-        " > {log} 2>&1"
+        ""
+        + LOGGED

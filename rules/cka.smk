@@ -16,7 +16,8 @@ rule gram:
     shell:
         "ckaflow gram --model {input.model} --data {input.data} --view {wildcards.view}"
         " --out {output} --spec {params.spec} --threads {threads}"
-        " > {log} 2>&1"
+        ""
+        + LOGGED
 
 
 rule gram_labels:
@@ -32,7 +33,8 @@ rule gram_labels:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow gram --labels --source {input} --out {output} --spec {params.spec} > {log} 2>&1"
+        "ckaflow gram --labels --source {input} --out {output} --spec {params.spec}"
+        + LOGGED
 
 
 rule cka:
@@ -51,4 +53,5 @@ rule cka:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow cka --spec {params.spec} --out {output} --threads {threads} > {log} 2>&1"
+        "ckaflow cka --spec {params.spec} --out {output} --threads {threads}"
+        + LOGGED

@@ -5,6 +5,14 @@ import shlex
 from dataclasses import asdict, is_dataclass
 
 
+# Every rule's command writes its log, and on failure shows the log's last lines in the
+# terminal, under the rule's name: the stage's own message, where the user is looking.
+LOGGED = (
+    " > {log} 2>&1 || {{ status=$?; echo \"ckaflow: rule {rule} failed; the end of {log}:\" >&2;"
+    " tail -n 20 {log} | sed 's/^/    /' >&2; exit $status; }}"
+)
+
+
 def one_of(names):
     """A wildcard constraint matching exactly these names (none: nothing)."""
     return "|".join(map(re.escape, names)) or "(?!)"

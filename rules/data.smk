@@ -9,4 +9,5 @@ rule prepare_data:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow prepare --spec {params.spec} --out {output} > {log} 2>&1"
+        "ckaflow prepare --spec {params.spec} --out {output}"
+        + LOGGED

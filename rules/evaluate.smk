@@ -14,7 +14,8 @@ rule evaluate:
         CONDA_ENV
     shell:
         "ckaflow evaluate --model {input.model} --data {input.data} --out {output}"
-        " --spec {params.spec} --threads {threads} > {log} 2>&1"
+        " --spec {params.spec} --threads {threads}"
+        + LOGGED
 
 
 rule run_tables:
@@ -31,4 +32,5 @@ rule run_tables:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow run-tables --out-dir {params.out_dir} {params.runs} > {log} 2>&1"
+        "ckaflow run-tables --out-dir {params.out_dir} {params.runs}"
+        + LOGGED

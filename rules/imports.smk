@@ -15,4 +15,5 @@ rule import_run:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow import --spec {params.spec} --data {input.data} --out {output.model} > {log} 2>&1"
+        "ckaflow import --spec {params.spec} --data {input.data} --out {output.model}"
+        + LOGGED

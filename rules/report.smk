@@ -14,7 +14,8 @@ rule merge_tables:
         CONDA_ENV
     shell:
         "ckaflow merge --out {output.parquet} --config-hash {params.config_hash} {input}"
-        " > {log} 2>&1"
+        ""
+        + LOGGED
 
 
 rule figures:
@@ -38,7 +39,8 @@ rule figures:
         CONDA_ENV
     shell:
         "ckaflow plot --table {input.cka} --probes {input.probes} --style {params.style}"
-        " --out-dir {params.out_dir} > {log} 2>&1"
+        " --out-dir {params.out_dir}"
+        + LOGGED
 
 
 rule summary:
@@ -60,4 +62,5 @@ rule summary:
         CONDA_ENV
     shell:
         "ckaflow summarize --table {input.cka} --probes {input.probes} --claims {output.claims}"
-        " --spec {params.spec} --out {output.summary} > {log} 2>&1"
+        " --spec {params.spec} --out {output.summary}"
+        + LOGGED

@@ -17,4 +17,5 @@ rule train:
         CONDA_ENV
     shell:
         "ckaflow train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
-        " --threads {threads} > {log} 2>&1"
+        " --threads {threads}"
+        + LOGGED

@@ -9,3 +9,12 @@ import warnings
 warnings.filterwarnings(
     "ignore", message=r"Object at \.snakemake_timestamp is not recognized", module="zarr"
 )
+
+
+def compare(models, loader, layers=None, **options):
+    """CKA of every layer pair of live networks on a loader's images, as the workflow's tidy
+    table: `ckaflow.compare({"a": net_a, "b": net_b}, loader, layers=[...])`. See
+    `ckaflow.live.compare` for the options."""
+    from ckaflow.live import compare as live_compare
+
+    return live_compare(models, loader, layers, **options)

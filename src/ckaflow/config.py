@@ -7,6 +7,7 @@ and defaults; Snakemake validates against the same file before any job runs.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 import hashlib
 import json
@@ -21,8 +22,15 @@ import yaml
 from ckaflow.errors import ConfigError
 
 VIEWS = ("clean", "aug1", "aug2")
-# image shape (C, H, W) and class count of each data set, known before any data is read
-DATASET_SHAPES = {"fashion-mnist": ((1, 28, 28), 10), "cifar10": ((3, 32, 32), 10)}
+# image shape (C, H, W) and class count of each data set, known before any data is read (an
+# image folder's: see `dataset_shape`)
+DATASET_SHAPES = {
+    "fashion-mnist": ((1, 28, 28), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+    "svhn": ((3, 32, 32), 10),
+    "stl10": ((3, 96, 96), 10),
+}
 
 
 def schema_path() -> Path:
@@ -82,12 +90,31 @@ def validate(raw: dict[str, Any] | None, source: str = "config") -> dict[str, An
     validator = _validator_with_defaults(load_schema())
     errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
-        lines = []
-        for err in errors:
-            key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-            lines.append(f"  {key}: {err.message}")
+        lines = [line for err in errors for line in _explain(err)]
         raise ConfigError(f"{source} is not a valid ckaflow study:\n" + "\n".join(lines))
     return config
+
+
+MESSAGE_CHARS = 160  # a schema error quotes the offending value: keep each line short
+
+
+def _explain(err: jsonschema.ValidationError) -> list[str]:
+    """One short line per problem: the dotted key, and for a key the schema does not know, the
+    nearest one it does ("did you mean `bootstrap`?") and the keys allowed there."""
+    at = ".".join(str(p) for p in err.absolute_path)
+    if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+        known = sorted(err.schema.get("properties", {}))
+        lines = []
+        for key in sorted(set(err.instance) - set(known), key=str):
+            where = f"{at}.{key}" if at else str(key)
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"did you mean `{close[0]}`? " if close else ""
+            lines.append(f"  {where}: unknown key; {hint}(allowed: {', '.join(known)})")
+        return lines
+    message = err.message
+    if len(message) > MESSAGE_CHARS:
+        message = message[: MESSAGE_CHARS - 3] + "..."
+    return [f"  {at or '(top level)'}: {message}"]
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -116,6 +143,7 @@ class DataSpec:
     train_size: int
     eval_size: int
     seed: int
+    resolution: int | None = None  # image-folder: the stored images' side
 
 
 @dataclass(frozen=True)
@@ -254,7 +282,30 @@ def run_id(method: str, model: ModelSpec, seed: int) -> str:
 
 
 def data_spec(cfg: dict[str, Any]) -> DataSpec:
-    return DataSpec(**cfg["data"])
+    spec = DataSpec(**cfg["data"])
+    if spec.name == "image-folder" and spec.resolution is None:
+        raise ConfigError(
+            "data.resolution is required for data.name: image-folder (the side of the square "
+            "images the study stores, e.g. 224)"
+        )
+    if spec.name != "image-folder" and spec.resolution is not None:
+        raise ConfigError(
+            f"data.resolution is for image folders; {spec.name} has its own resolution "
+            f"({DATASET_SHAPES[spec.name][0][1]} px): remove the key"
+        )
+    return spec
+
+
+def dataset_shape(spec: DataSpec) -> tuple[tuple[int, int, int], int]:
+    """(C, H, W) of the stored images and the number of classes, before any image is read:
+    an image folder's classes are the subfolders of its train/ folder."""
+    if spec.name != "image-folder":
+        return DATASET_SHAPES[spec.name]
+    train = Path(spec.root) / "train"
+    classes = sum(p.is_dir() for p in train.iterdir()) if train.is_dir() else 0
+    if not classes:
+        raise ConfigError(f"data.root {spec.root}: no class folders in {train}")
+    return (3, spec.resolution, spec.resolution), classes
 
 
 def augment_spec(cfg: dict[str, Any]) -> AugmentSpec:

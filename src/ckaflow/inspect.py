@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ckaflow.errors import CkaflowError
@@ -96,6 +97,9 @@ def _order(attrs: dict, name: str) -> tuple[int, str]:
     return index.get(name, 10**6), name
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+
+
 def describe_checkpoint(path: Path) -> str:
     from ckaflow.train.checkpoint import read_state
 
@@ -119,14 +123,65 @@ def describe_checkpoint(path: Path) -> str:
             f"  code version: {meta.get('code_version')}, created {meta.get('created')}",
             f"  spec hash: {meta.get('spec_hash')}",
         ]
-    if isinstance(state, dict) and "epoch" in state:
+    if isinstance(state, dict) and {"epoch", "model", "metrics"} <= set(state):
         lines.append(f"  training state after epoch {state['epoch']} (resumable)")
         for row in state.get("metrics", [])[-3:]:
             lines.append(f"    epoch {row['epoch']}: loss {row['loss']:.4f}")
     if isinstance(state, dict) and "model" in state:
         params = sum(v.numel() for v in state["model"].values() if hasattr(v, "numel"))
         lines.append(f"  model tensors: {len(state['model'])}, {params:,} values")
+    if not meta:  # a checkpoint from elsewhere: what it holds, and how it could be imported
+        lines += describe_foreign_state(state, path)
     return "\n".join(lines)
+
+
+SHOWN_TENSORS = 12  # the first and last of a state_dict's tensors shown; the rest counted
+
+
+def describe_foreign_state(state, path: Path) -> list[str]:
+    """The container, the tensors (name, shape, dtype) and the import formats whose key layout
+    the tensors match, of a PyTorch file ckaflow did not write."""
+    import torch
+
+    from ckaflow.imports import PARTS, CheckpointError, split_parts
+
+    lines = []
+    if isinstance(state, dict) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        lines.append(f"  top-level keys: {', '.join(map(str, list(state)[:10]))}")
+    weights = state
+    for container in ("state_dict", "model"):  # Lightning / timm train.py
+        if isinstance(state, dict) and isinstance(state.get(container), dict):
+            weights = state[container]
+            lines.append(f"  tensors under {container!r}")
+            break
+    if not isinstance(weights, dict):
+        return [*lines, f"  holds a {type(weights).__name__}, not a state_dict"]
+    tensors = {k: v for k, v in weights.items() if isinstance(v, torch.Tensor)}
+    values = sum(v.numel() for v in tensors.values())
+    lines.append(f"  tensors: {len(tensors)}, {values:,} values")
+    names = list(tensors)
+    half = SHOWN_TENSORS // 2
+    shown = names if len(names) <= SHOWN_TENSORS else [*names[:half], None, *names[-half:]]
+    for name in shown:
+        if name is None:
+            lines.append(f"    ... {len(names) - SHOWN_TENSORS} more")
+            continue
+        value = tensors[name]
+        lines.append(f"    {name:<48} {str(tuple(value.shape)):<20} {str(value.dtype)[6:]}")
+    stripped = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in tensors.items()}
+    matches = []
+    for fmt in PARTS:
+        try:
+            encoder = split_parts(stripped, fmt, path)["encoder"]
+        except CheckpointError:
+            continue
+        if "conv1.weight" in encoder and any(k.startswith("layer1.") for k in encoder):
+            matches.append(fmt)
+    if matches:
+        lines.append(f"  its keys fit import format: {', '.join(matches)} (a ResNet)")
+    else:
+        lines.append("  its keys fit no ResNet import format: import it with format: module")
+    return lines
 
 
 def describe_table(path: Path) -> str:
@@ -140,8 +195,9 @@ def describe_table(path: Path) -> str:
     from ckaflow.tables import PARQUET_ONLY
 
     head = table.head().drop(columns=[c for c in PARQUET_ONLY if c in table])  # lists
-    with pd.option_context("display.width", 120, "display.max_columns", 12):
-        lines.append(head.to_string())
+    # the first rows, wrapped to the terminal's width, long values cut
+    width = shutil.get_terminal_size((100, 24)).columns
+    lines.append(head.to_string(line_width=width, max_colwidth=min(40, width - 10)))
     return "\n".join(lines)
 
 
@@ -189,13 +245,13 @@ def inspect_path(path: str | Path, config_path: str | Path | None = None) -> str
         raise CkaflowError(f"{path} does not exist")
     if path.is_dir() and (path / "zarr.json").exists():
         return describe_zarr(path)
-    if path.suffix == ".pt":
+    if path.suffix in CHECKPOINT_SUFFIXES:
         return describe_checkpoint(path)
     if path.suffix in (".parquet", ".csv"):
         return describe_table(path)
     if path.is_dir():
         return describe_results(path, config_path)
     raise CkaflowError(
-        f"{path}: not an artifact ckaflow knows (a .zarr store, a .pt checkpoint, a .parquet or "
-        ".csv table, or a results folder)"
+        f"{path}: not an artifact ckaflow knows (a .zarr store, a .pt, .pth or .ckpt "
+        "checkpoint, a .parquet or .csv table, or a results folder)"
     )

@@ -178,7 +178,7 @@ def module_features(run: cfg.RunSpec, image_shape: tuple[int, int, int]) -> dict
 
 def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> StudyCosts:
     study = Study(config)
-    image_shape, classes = cfg.DATASET_SHAPES[study.data.name]
+    image_shape, classes = cfg.dataset_shape(study.data)
     act = config["activations"]
     eval_size = study.data.eval_size
     n = eval_size if study.examples is None else min(study.examples, eval_size)

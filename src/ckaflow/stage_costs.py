@@ -103,7 +103,7 @@ def stage_costs(config: dict[str, Any], costs) -> list[StageCost]:
     """Every stage's bytes and per-job FLOPs for a study whose `ckaflow.plan.StudyCosts` are
     `costs`."""
     study = Study(config)
-    image_shape, classes = cfg.DATASET_SHAPES[study.data.name]
+    image_shape, classes = cfg.dataset_shape(study.data)
     image = math.prod(image_shape)
     train_n, eval_n = study.data.train_size, study.data.eval_size
     train_data = train_n * (image + LABEL_BYTES)
