@@ -60,6 +60,10 @@ def run_ckaflow(n: int) -> np.ndarray:
 
 
 def run_pytorch_cka(n: int) -> np.ndarray:
+    # pytorch-cka's package is called cka, as benchmarks/cka.py is: import it from site-packages
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.modules.pop("cka", None)
     import cka
 
     a, b = networks()
@@ -81,7 +85,9 @@ def run_reference(n: int) -> np.ndarray:
             seen = {}
             handles = [
                 named[name].register_forward_hook(
-                    lambda m, i, o, name=name: seen.__setitem__(name, o.flatten(1).numpy())
+                    lambda m, i, o, name=name, seen=seen: seen.__setitem__(
+                        name, o.flatten(1).numpy()
+                    )
                 )
                 for name in LAYERS
             ]

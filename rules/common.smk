@@ -5,10 +5,10 @@ import shlex
 from dataclasses import asdict, is_dataclass
 
 
-# Every rule's command writes its log, and on failure shows the log's last lines in the
-# terminal, under the rule's name: the stage's own message, where the user is looking.
+# Every rule's command writes its log (results/logs/<rule>/...), and on failure shows the log's
+# last lines in the terminal: the stage's own message, where the user is looking.
 LOGGED = (
-    " > {log} 2>&1 || {{ status=$?; echo \"ckaflow: rule {rule} failed; the end of {log}:\" >&2;"
+    " > {log} 2>&1 || {{ status=$?; echo \"ckaflow: a stage failed; the end of {log}:\" >&2;"
     " tail -n 20 {log} | sed 's/^/    /' >&2; exit $status; }}"
 )
 

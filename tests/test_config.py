@@ -12,8 +12,15 @@ def test_defaults_fill_every_section():
 
 
 def test_unknown_key_is_named():
-    with pytest.raises(ConfigError, match="'modle' was unexpected"):
+    with pytest.raises(ConfigError, match="modle: unknown key; did you mean `model`?"):
         config.validate({"modle": {"arch": "resnet18"}})
+
+
+def test_an_unknown_key_far_from_any_is_named_with_the_allowed_ones():
+    with pytest.raises(ConfigError) as raised:
+        config.validate({"cka": {"zzz": 1}})
+    (line,) = [line for line in str(raised.value).splitlines() if "zzz" in line]
+    assert "did you mean" not in line and "allowed: batch_size, bootstrap," in line
 
 
 def test_wrong_type_names_the_key():

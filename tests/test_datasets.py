@@ -45,6 +45,19 @@ def _trust_files(monkeypatch, cls) -> None:
         monkeypatch.setattr(module, "check_integrity", lambda *args, **kwargs: True)
 
 
+def _same_splits_as(reader, name: str, root: Path, monkeypatch):
+    """Our loader's train and test splits equal torchvision's `reader(root, split=...)`'s
+    images (N, C, H, W) and labels; our ImageSet."""
+    ours = data.LOADERS[name](root)
+    _trust_files(monkeypatch, reader)
+    for split, images, labels in (("train", ours.train_images, ours.train_labels),
+                                  ("test", ours.test_images, ours.test_labels)):  # fmt: skip
+        theirs = reader(str(root), split=split)
+        np.testing.assert_array_equal(images, theirs.data)
+        np.testing.assert_array_equal(labels, theirs.labels)
+    return ours
+
+
 # -- CIFAR-100 ---------------------------------------------------------------------------------
 
 
@@ -115,13 +128,7 @@ def test_svhn_reads_as_torchvision_reads_it(tmp_path, monkeypatch):
     from torchvision.datasets import SVHN
 
     root = _write_svhn(tmp_path / "svhn")
-    ours = data.LOADERS["svhn"](root)
-    _trust_files(monkeypatch, SVHN)
-    for split, images, labels in (("train", ours.train_images, ours.train_labels),
-                                  ("test", ours.test_images, ours.test_labels)):  # fmt: skip
-        theirs = SVHN(str(root), split=split)
-        np.testing.assert_array_equal(images, theirs.data)
-        np.testing.assert_array_equal(labels, theirs.labels)
+    ours = _same_splits_as(SVHN, "svhn", root, monkeypatch)
     assert 0 in ours.train_labels and ours.train_labels.max() == 9
 
 
@@ -155,13 +162,7 @@ def test_stl10_reads_as_torchvision_reads_it(tmp_path, monkeypatch):
     from torchvision.datasets import STL10
 
     root = _write_stl10(tmp_path / "stl")
-    ours = data.LOADERS["stl10"](root)
-    _trust_files(monkeypatch, STL10)
-    for split, images, labels in (("train", ours.train_images, ours.train_labels),
-                                  ("test", ours.test_images, ours.test_labels)):  # fmt: skip
-        theirs = STL10(str(root), split=split)
-        np.testing.assert_array_equal(images, theirs.data)
-        np.testing.assert_array_equal(labels, theirs.labels)
+    ours = _same_splits_as(STL10, "stl10", root, monkeypatch)
     assert ours.classes == tuple(STL10(str(root), split="test").classes)
     assert ours.train_images.shape[1:] == (3, 96, 96)
 

@@ -57,7 +57,7 @@ def test_a_failed_stage_shows_its_own_message_under_its_rule(tmp_path):
     done = _run(snakemake_cmd(tmp_path, study, "--", "results/runs/tv/model.pt"), tmp_path)
     assert done.returncode != 0
     said = done.stdout + done.stderr
-    shown = said.split("ckaflow: rule import_run failed; the end of", 1)
+    shown = said.split("ckaflow: a stage failed; the end of results/logs/import_run/tv.log:", 1)
     assert len(shown) == 2, said[-3000:]
     assert f"ckaflow import: error: {damaged}: not a readable checkpoint" in shown[1], said
 

@@ -43,17 +43,16 @@ def compare(
     """The minibatch CKA of every layer pair of every two networks (one network: of itself).
 
     models: name -> `torch.nn.Module` (a ckaflow network, or any module; run in eval mode, then
-        set back; on its own device, or moved to `device` when one is named). loader: an iterable of image batches (tensors, or tuples whose first
-        item is the images: a `DataLoader` as it is), already preprocessed as each network
-        expects. layers: the module names (glob patterns, e.g. "layer*.?.relu") whose outputs are
-        compared: one list for every network, or name -> list; default: a ckaflow network's
-        registered layers (required for other modules). batch_size: rows per block of the
-        estimator (>= 4; the last block is dropped if shorter than 4 rows). bootstrap: replicates
-        of the block bootstrap's 95 % interval (0: none). progress: a tqdm bar (default: when
-        stderr is a terminal).
+        set back; on its own device, or moved to `device` when one is named).
+    loader: an iterable of image batches (tensors, or tuples whose first item is the images: a
+        `DataLoader` as it is), already preprocessed as each network expects.
+    layers: the module names (glob patterns, e.g. "layer*.?.relu") whose outputs are compared:
+        one list for every network, or name -> list; default: a ckaflow network's registered
+        layers (required for other modules).
+    batch_size: rows per block of the estimator (>= 4; a last block of fewer rows is dropped).
+    bootstrap: replicates of the block bootstrap's 95 % interval (0: none).
+    progress: a tqdm bar (default: when stderr is a terminal).
     """
-    import torch
-
     if not models:
         raise ValueError("compare needs at least one network")
     if batch_size < MIN_BATCH_ROWS:
@@ -178,7 +177,9 @@ def _block_vectors(hooked: _Hooked, images, work: _Workspace) -> np.ndarray:
         hooked.net(images)
     stacked = torch.stack([grams.pop(name) for name in hooked.layer_list]).double().cpu().numpy()
     if not np.isfinite(stacked).all():
-        bad = [n for n, k in zip(hooked.layer_list, stacked, strict=True) if not np.isfinite(k).all()]
+        bad = [
+            n for n, k in zip(hooked.layer_list, stacked, strict=True) if not np.isfinite(k).all()
+        ]
         raise ValueError(f"non-finite values (NaN or Inf) in layers {bad}")
     return np.stack([block_vector(k, "minibatch") for k in stacked])
 
