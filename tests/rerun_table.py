@@ -43,9 +43,10 @@ EVERY_RUN = {
 EVERYTHING = {"prepare_data": 1, "gram_labels": 1, **EVERY_RUN}
 GRAM_ONWARD = {"gram": 6, "gram_labels": 1, "cka": 1, **REPORT}
 NOTHING: dict[str, int] = {}
+REFUSED = None  # the key cannot change alone in the tiny study: the config check stops it
 
 # (patterns, jobs, what the README says). Order matters: the first matching row wins.
-ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
+ROWS: list[tuple[tuple[str, ...], dict[str, int] | None, str]] = [
     (
         ("study", "device", "backend", "slurm.*", "checkpoint.*", "data.root"),
         NOTHING,
@@ -61,6 +62,11 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int], str]] = [
         NOTHING,
         "nothing: recipe keys the run's method or optimiser never reads (here SimCLR trains "
         "with AdamW, supervised with SGD)",
+    ),
+    (
+        ("data.resolution",),
+        REFUSED,
+        "refused alone: only an image folder has it (there, everything reruns)",
     ),
     (("data.*", "augment.*"), EVERYTHING, "everything: the data store and all that follows"),
     (("recipes.simclr.*",), ONE_METHOD, "that method's runs onward (here one run)"),
@@ -248,7 +254,9 @@ def changed_config(study: dict[str, Any], key: str) -> dict[str, Any]:
     return cfg
 
 
-def _jobs(jobs: dict[str, int]) -> str:
+def _jobs(jobs: dict[str, int] | None) -> str:
+    if jobs is REFUSED:
+        return "refused before planning"
     if not jobs:
         return "nothing"
     return ", ".join(f"{rule} {n}" if n else rule for rule, n in jobs.items())
