@@ -188,6 +188,9 @@ def _table(pairs, terms, names, batch_size: int, rows: int, bootstrap: int, seed
     """The tidy table (`ckaflow.tables.COLUMNS`) of every pair of networks."""
     import pandas as pd
 
+    from ckaflow.provenance import code_version
+
+    version = code_version()
     frames = []
     for a, b in pairs:
         cross, self_a, self_b = (np.stack(t) for t in zip(*terms[(a, b)], strict=True))
@@ -216,8 +219,6 @@ def _table(pairs, terms, names, batch_size: int, rows: int, bootstrap: int, seed
             "bootstrap": bootstrap,
             "jackknife": list(jackknife.reshape(len(jackknife), -1).T),
         }
-        from ckaflow.provenance import code_version
-
-        columns["code_version"] = code_version()
+        columns["code_version"] = version
         frames.append(pd.DataFrame(columns, index=pd.RangeIndex(la * lb)))
     return pd.concat(frames, ignore_index=True).loc[:, list(COLUMNS)]
