@@ -110,17 +110,40 @@ def check_chunks(path: Path, group: zarr.Group) -> None:
                 f"{path}: layer {name} has {array.shape[0]} rows where the store has {n} "
                 "examples (a foreign or damaged store); rerun its stage"
             )
-        chunks = -(-array.shape[0] // array.chunks[0])
-        paths = ChunkPaths(array)
-        missing = [i for i in range(chunks) if not paths(i).exists()]
+        sizes = _chunk_sizes(array)  # one stat per chunk file
+        missing = [i for i, size in enumerate(sizes) if size is None]
         if missing:
             raise StoreError(
-                f"{path}: layer {name} lacks chunk files {missing} of {chunks} (a damaged "
+                f"{path}: layer {name} lacks chunk files {missing} of {len(sizes)} (a damaged "
                 "store); delete it and rerun its stage"
             )
-        wrong = chunk_problems(array, decode=False)
+        wrong = _size_problems(array, sizes)
         if wrong:
             raise StoreError(f"{path}: layer {name}: {wrong[0]}; delete it and rerun its stage")
+
+
+def _chunk_sizes(array: zarr.Array) -> list[int | None]:
+    """The size of each row chunk's file (None: no file)."""
+    paths = ChunkPaths(array)
+    sizes = []
+    for i in range(-(-array.shape[0] // array.chunks[0]) if array.shape else 1):
+        try:
+            sizes.append(paths(i).stat().st_size)
+        except FileNotFoundError:
+            sizes.append(None)
+    return sizes
+
+
+def _size_problems(array: zarr.Array, sizes: list[int | None]) -> list[str]:
+    """Chunk files of an uncompressed, row-chunked array whose size is not the chunk's."""
+    if array.compressors or tuple(array.chunks[1:]) != tuple(array.shape[1:]):
+        return []  # a compressed chunk's size says nothing: `chunk_problems` decodes
+    expected = int(np.prod(array.chunks)) * array.dtype.itemsize
+    return [
+        f"chunk {i} holds {size} bytes where its shape needs {expected}"
+        for i, size in enumerate(sizes)
+        if size is not None and size != expected
+    ]
 
 
 def chunk_problems(array: zarr.Array, decode: bool = True) -> list[str]:
@@ -128,21 +151,10 @@ def chunk_problems(array: zarr.Array, decode: bool = True) -> list[str]:
     chunk (uncompressed arrays: every file, from its size alone), or with `decode` a first or
     last chunk that does not decode to the chunk's shape (compressed ones: the last chunk is
     where a short selection's rows could outgrow their array)."""
-    problems = []
-    expected = int(np.prod(array.chunks)) * array.dtype.itemsize
-    row_chunks = -(-array.shape[0] // array.chunks[0]) if array.shape else 1
-    if not array.compressors and tuple(array.chunks[1:]) == tuple(array.shape[1:]):
-        paths = ChunkPaths(array)
-        for i in range(row_chunks):
-            size = paths(i).stat().st_size if paths(i).exists() else expected
-            if size != expected:
-                problems.append(f"chunk {i} holds {size} bytes where its shape needs {expected}")
+    problems = _size_problems(array, _chunk_sizes(array))
     if decode and array.shape and array.shape[0]:
-        last = (row_chunks - 1) * array.chunks[0]
-        for rows in {
-            0: slice(0, min(array.chunks[0], array.shape[0])),
-            1: slice(last, None),
-        }.values():
+        last = (-(-array.shape[0] // array.chunks[0]) - 1) * array.chunks[0]
+        for rows in (slice(0, min(array.chunks[0], array.shape[0])), slice(last, None)):
             try:
                 array[rows]
             except Exception as err:  # zarr raises several kinds for a malformed chunk
