@@ -68,6 +68,11 @@ ROWS: list[tuple[tuple[str, ...], dict[str, int] | None, str]] = [
         REFUSED,
         "refused alone: only an image folder has it (there, everything reruns)",
     ),
+    (
+        ("input.*",),
+        EVERY_RUN,
+        "every trained run onward (an import's own `input`: that import onward)",
+    ),
     (("data.*", "augment.*"), EVERYTHING, "everything: the data store and all that follows"),
     (("recipes.simclr.*",), ONE_METHOD, "that method's runs onward (here one run)"),
     (("recipes.supervised.*",), ONE_METHOD, "that method's runs onward (here one run)"),
@@ -211,6 +216,8 @@ def changed_value(key: str, current: Any) -> Any:
     """A valid value other than `current`, derived from the key's schema."""
     if key == "imports":  # a list of records: one more network
         return [*current, IMPORTED]
+    if key == "input.normalise":  # one mean and std for the grey images
+        return {"mean": [0.5], "std": [0.25]}
     node = _node(key)
     kinds = node.get("type")
     kinds = kinds if isinstance(kinds, list) else [kinds]

@@ -575,15 +575,17 @@ def test_a_ckaflow_model_of_another_study_imports_as_itself(trained, prepared, i
 
 @pytest.mark.e2e
 def test_a_study_of_one_trained_and_two_imported_runs(tmp_path):
-    """The tiny study with a supervised run trained by ckaflow, a torchvision ResNet-18 and a
-    MobileNet (format module) imported: every stage treats the imports like runs; a new file
-    reruns its import onward."""
+    """The tiny study with a supervised run trained by ckaflow, a torchvision ResNet-18 (fed
+    64 px images with ImageNet's normalisation) and a MobileNet (format module) imported: every
+    stage treats the imports like runs; a new file reruns its import onward."""
     import json
 
     import pandas as pd
     import torchvision
     import yaml
+    import zarr
 
+    from ckaflow.study import Side, Study
     from tests.conftest import REPO, snakemake_cmd
 
     torch.manual_seed(0)
@@ -594,7 +596,8 @@ def test_a_study_of_one_trained_and_two_imported_runs(tmp_path):
     cfg["methods"] = ["supervised"]
     cfg["imports"] = [
         {"name": "tv", "checkpoint": "tv.pth", "format": "torchvision", "head": "classifier"}
-        | {"method": "supervised", "stem": "imagenet"},
+        | {"method": "supervised", "stem": "imagenet"}
+        | {"input": {"resolution": 64, "normalise": "imagenet"}},  # fed as ImageNet weights
         {"name": "mnv3", "checkpoint": "mnv3.pth", "format": "module", "method": "mobilenet"}
         | {"module": MOBILENET},
     ]
@@ -649,7 +652,13 @@ def test_a_study_of_one_trained_and_two_imported_runs(tmp_path):
     assert (
         "tv (imported, not trained by ckaflow)" in shown
         and runs.loc["tv", "checkpoint_sha256"] in shown
+        and "fed: 64 px (stored 28 px), ImageNet's mean and std" in shown
     )
+    features = probes[(probes["run"] == "tv") & (probes["layer"] == "layer1.0.out")]["features"]
+    assert set(features) == {64}  # pooled channels; the Gram stage saw 16 x 16 maps
+    gram_store = Study.gram(Side("tv", "clean"))
+    fed = zarr.open_group(tmp_path / gram_store, mode="r").attrs["run_spec"]["input"]
+    assert fed == {"resolution": 64, "normalise": "imagenet", "mean": None, "std": None}
 
 
 # -- format module: any network, by its builder's name, its layers by glob ---------------------

@@ -23,6 +23,7 @@ def test_partial_store_is_shown_as_incomplete(tmp_path):
 def test_model_shows_run_and_metrics(trained):
     text = inspect_path(trained["supervised"])
     assert "run: supervised-resnet18-w4-s0" in text and "kNN accuracy" in text
+    assert "fed: 28 px, the training subset's mean and std" in text
     ckpt = inspect_path(trained["supervised"].parent / "checkpoint.pt")
     assert "after epoch 1 (resumable)" in ckpt
 

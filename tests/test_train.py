@@ -195,13 +195,13 @@ def test_untrained_baseline_gets_batchnorm_statistics_of_the_training_images(fas
     attrs = {"image_shape": [1, 28, 28], "num_classes": 10}
     net = initial_network(run, attrs)
     images = torch.from_numpy(load_fashion_mnist(fashion_root).train_images[:512].copy())
-    normalise = lambda x: (x - 0.286) / 0.353  # noqa: E731
+    feed = lambda pixels: (pixels.float() / 255 - 0.286) / 0.353  # noqa: E731
     bn = net.encoder.bn1
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
-    calibrate_batchnorm(net, images, normalise, "cpu", batch_size=128)
+    calibrate_batchnorm(net, images, feed, "cpu", batch_size=128)
     assert not net.training
     with torch.no_grad():
-        x = normalise(images.float() / 255)
+        x = feed(images)
         conv = net.encoder.conv1(x)
         # float32 rounding, per channel (`dot_rtol`): BatchNorm's batch sums of 128·784 terms
         # and their running average, the reference's sums of 512·784 (or 128·784, then 4)

@@ -11,7 +11,7 @@ import difflib
 import functools
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -111,7 +111,22 @@ def _explain(err: jsonschema.ValidationError) -> list[str]:
             hint = f"did you mean `{close[0]}`? " if close else ""
             lines.append(f"  {where}: unknown key; {hint}(allowed: {', '.join(known)})")
         return lines
+    if err.validator in ("oneOf", "anyOf") and err.context:
+        # the alternative of the value's own type (string or mapping) says what is wrong
+        by_alternative: dict[Any, list] = {}
+        for sub in err.context:
+            by_alternative.setdefault(sub.schema_path[0], []).append(sub)
+        fitting = [
+            subs
+            for subs in by_alternative.values()
+            if not any(list(sub.schema_path)[1:] == ["type"] for sub in subs)
+        ]
+        if fitting:
+            return _explain(jsonschema.exceptions.best_match(fitting[0]))
     message = err.message
+    if err.validator == "enum" and isinstance(err.instance, str):
+        close = difflib.get_close_matches(err.instance, [str(v) for v in err.validator_value], 1)
+        message += f"; did you mean `{close[0]}`?" if close else ""
     if len(message) > MESSAGE_CHARS:
         message = message[: MESSAGE_CHARS - 3] + "..."
     return [f"  {at or '(top level)'}: {message}"]
@@ -153,6 +168,57 @@ class AugmentSpec:
     jitter_strength: float
     jitter_p: float
     grayscale_p: float
+
+
+# ImageNet's per-channel mean and std (torchvision's and timm's ResNet weights expect them)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# a spec field added after artifacts existed: left out of `to_jsonable` while unset, so every
+# spec hash made before it stays what it was
+OMIT_UNSET = {"omit_unset": True}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a run's network sees the study's images (config `input`): resized to `resolution`
+    px (None: as stored) and normalised by the data set's statistics, ImageNet's, or `mean`
+    and `std` given explicitly (`normalise` is then "explicit")."""
+
+    resolution: int | None = None
+    normalise: str = "dataset"  # dataset | imagenet | explicit
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def input_spec(section: dict[str, Any] | None, where: str = "input") -> InputSpec | None:
+    """The config's `input` section as a spec; None for the default (the data as stored,
+    normalised by its own statistics), which every run had before `input` existed."""
+    section = section or {}
+    normalise = section.get("normalise", "dataset")
+    if isinstance(normalise, dict):
+        mean, std = tuple(normalise["mean"]), tuple(normalise["std"])
+        if len(mean) != len(std):
+            raise ConfigError(
+                f"{where}.normalise: mean has {len(mean)} values and std {len(std)}; give one "
+                "per channel"
+            )
+        spec = InputSpec(section.get("resolution"), "explicit", mean, std)
+    else:
+        spec = InputSpec(section.get("resolution"), normalise)
+    return None if spec == InputSpec() else spec
+
+
+def describe_input(spec: InputSpec | None, image_shape) -> str:
+    """What a network is fed, for people: "224 px (stored 32 px), ImageNet's mean and std"."""
+    spec = spec or InputSpec()
+    stored = image_shape[1]
+    size = f"{spec.resolution} px (stored {stored} px)" if spec.resolution else f"{stored} px"
+    how = {
+        "dataset": "the training subset's mean and std",
+        "imagenet": "ImageNet's mean and std",
+        "explicit": f"mean {list(spec.mean or ())}, std {list(spec.std or ())}",
+    }[spec.normalise]
+    return f"{size}, {how}"
 
 
 @dataclass(frozen=True)
@@ -219,6 +285,13 @@ class RunSpec:
     seed: int | None
     recipe: RecipeSpec | None
     imported: ImportSpec | None = None
+    input: InputSpec | None = field(default=None, metadata=OMIT_UNSET)  # None: as stored
+
+    def fed_shape(self, image_shape) -> tuple[int, int, int]:
+        """(C, H, W) of what the network sees: the stored images at the run's input resolution."""
+        channels, height, width = image_shape
+        side = self.input.resolution if self.input is not None else None
+        return (channels, side, side) if side else (channels, height, width)
 
     @property
     def run_id(self) -> str:
@@ -245,7 +318,7 @@ class RunSpec:
         differ only in seed. None for a run without a seed, which replicates nothing."""
         if self.seed is None:
             return None
-        spec = asdict(self)
+        spec = to_jsonable(self)
         del spec["seed"]
         if spec["imported"]:  # the file and the name differ between seeds of one import
             del spec["imported"]["name"], spec["imported"]["checkpoint"]
@@ -345,13 +418,31 @@ def used_recipe(method: str, recipe: dict[str, Any]) -> RecipeSpec:
 
 def run_specs(cfg: dict[str, Any]) -> list[RunSpec]:
     """The trained runs (methods × seeds), then the imported ones."""
-    model = model_spec(cfg)
+    model, fed = model_spec(cfg), input_spec(cfg.get("input"))
+    if fed is not None and fed.normalise != "dataset" and cfg["methods"]:
+        _check_normalised_channels(fed, _channels(cfg["data"]["name"]))
     trained = [
-        RunSpec(method, model, seed, used_recipe(method, cfg["recipes"][method]))
+        RunSpec(method, model, seed, used_recipe(method, cfg["recipes"][method]), None, fed)
         for method in cfg["methods"]
         for seed in cfg["seeds"]
     ]
     return trained + [import_run_spec(entry) for entry in cfg.get("imports", [])]
+
+
+def _channels(name: str) -> int:
+    """Channels of a data set's stored images (an image folder's are RGB)."""
+    return DATASET_SHAPES[name][0][0] if name in DATASET_SHAPES else 3
+
+
+def _check_normalised_channels(fed: InputSpec, channels: int) -> None:
+    """The trained runs' normalisation against their network's channels, before any job runs
+    (an import's channels are its file's: `ckaflow.feed` checks them at its import)."""
+    values = len(fed.mean) if fed.mean else 3  # ImageNet's: 3
+    if values not in (1, channels):
+        raise ConfigError(
+            f"input.normalise: {values} values, one per channel, for trained networks of "
+            f"{channels} channel(s), the data's: give {channels} (or one for all)"
+        )
 
 
 def import_run_spec(entry: dict[str, Any]) -> RunSpec:
@@ -375,11 +466,23 @@ def import_run_spec(entry: dict[str, Any]) -> RunSpec:
             dict(module.get("kwargs") or {}),
             tuple(module["layers"]["names"]),
         )
-    return RunSpec(entry["method"], model, entry.get("seed"), None, source)
+    fed = input_spec(entry.get("input"), f"imports: {entry['name']}: input")
+    return RunSpec(entry["method"], model, entry.get("seed"), None, source, fed)
 
 
 def to_jsonable(spec: Any) -> Any:
-    return asdict(spec)
+    """A spec as plain data (like `dataclasses.asdict`), without the unset `OMIT_UNSET` fields."""
+    if is_dataclass(spec) and not isinstance(spec, type):
+        return {
+            f.name: to_jsonable(getattr(spec, f.name))
+            for f in fields(spec)
+            if not (f.metadata.get("omit_unset") and getattr(spec, f.name) is None)
+        }
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(to_jsonable(v) for v in spec)
+    if isinstance(spec, dict):
+        return {k: to_jsonable(v) for k, v in spec.items()}
+    return copy.deepcopy(spec)
 
 
 def run_spec_from_dict(d: dict[str, Any]) -> RunSpec:
@@ -389,7 +492,13 @@ def run_spec_from_dict(d: dict[str, Any]) -> RunSpec:
         fields = dict(d["imported"])
         fields["layers"] = tuple(fields["layers"]) if fields.get("layers") else None
         imported = ImportSpec(**fields)
-    return RunSpec(d["method"], ModelSpec(**d["model"]), d["seed"], recipe, imported)
+    fed = None
+    if d.get("input"):
+        fields_ = dict(d["input"])
+        for key in ("mean", "std"):
+            fields_[key] = tuple(fields_[key]) if fields_.get(key) else None
+        fed = InputSpec(**fields_)
+    return RunSpec(d["method"], ModelSpec(**d["model"]), d["seed"], recipe, imported, fed)
 
 
 def augment_spec_from_dict(d: dict[str, Any]) -> AugmentSpec:

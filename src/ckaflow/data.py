@@ -209,12 +209,11 @@ class PreparedData:
         return bytecount.read_array(self.group["eval/labels"][...])
 
     def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] pixels -> the model's input scale (per-channel standardised)."""
-        if pixels.dtype == torch.uint8:
-            pixels = pixels.float() / 255
-        mean = torch.tensor(self.attrs["mean"], dtype=pixels.dtype, device=pixels.device)
-        std = torch.tensor(self.attrs["std"], dtype=pixels.dtype, device=pixels.device)
-        return (pixels - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        """uint8 or [0, 1] pixels, standardised by the training subset's per-channel mean and
+        std: what a run with the default `input` is fed."""
+        from ckaflow.feed import Feed
+
+        return Feed(None, tuple(self.attrs["mean"]), tuple(self.attrs["std"]))(pixels)
 
 
 def open_prepared(path: str | Path) -> PreparedData:

@@ -19,14 +19,14 @@ from ckaflow.models import record_layers
 
 
 @torch.no_grad()
-def encode(net, pixels_uint8: torch.Tensor, normalise, device, batch_size: int = 512):
+def encode(net, pixels_uint8: torch.Tensor, feed, device, batch_size: int = 512):
     """Pooled encoder features of uint8 images, in eval mode, on the CPU."""
     was_training = net.training
     net.eval()
     feats = []
     for start in range(0, len(pixels_uint8), batch_size):
         batch = pixels_uint8[start : start + batch_size].to(device)
-        feats.append(net.encoder(normalise(batch.float() / 255)).float().cpu())
+        feats.append(net.encoder(feed(batch)).float().cpu())
     net.train(was_training)
     return torch.cat(feats)
 
@@ -56,7 +56,7 @@ def knn_accuracy(
 
 @torch.no_grad()
 def pooled_layers(
-    net, pixels_uint8: torch.Tensor, normalise, device, names: list[str], batch_size: int = 512
+    net, pixels_uint8: torch.Tensor, feed, device, names: list[str], batch_size: int = 512
 ) -> dict[str, torch.Tensor]:
     """Every named layer of uint8 images, feature maps averaged over space, in eval mode."""
     net.eval()
@@ -64,14 +64,14 @@ def pooled_layers(
     with record_layers(net, names, pooled=True) as captured:
         for start in range(0, len(pixels_uint8), batch_size):
             batch = pixels_uint8[start : start + batch_size].to(device)
-            net(normalise(batch.float() / 255))
+            net(feed(batch))
             for name in names:
                 parts[name].append(captured[name].float())
     return {name: torch.cat(chunks) for name, chunks in parts.items()}
 
 
 @torch.no_grad()
-def calibrate_batchnorm(net, pixels_uint8: torch.Tensor, normalise, device, batch_size: int = 512):
+def calibrate_batchnorm(net, pixels_uint8: torch.Tensor, feed, device, batch_size: int = 512):
     """Replace every BatchNorm's running statistics by those of the given images: one no-grad
     pass in train mode, averaged over all batches (momentum None). An untrained network keeps
     its initial statistics (mean 0, variance 1) otherwise, which in eval mode scales each
@@ -79,7 +79,7 @@ def calibrate_batchnorm(net, pixels_uint8: torch.Tensor, normalise, device, batc
     from torch.optim.swa_utils import update_bn
 
     batches = (
-        normalise(pixels_uint8[start : start + batch_size].to(device).float() / 255)
+        feed(pixels_uint8[start : start + batch_size].to(device))
         for start in range(0, len(pixels_uint8), batch_size)
     )
     update_bn(batches, net)
@@ -136,6 +136,7 @@ def probe_run(
     `out` (parquet), one row per encoder and layer."""
     from ckaflow.config import run_spec_from_dict
     from ckaflow.data import open_prepared
+    from ckaflow.feed import feed_for
     from ckaflow.models import initial_network, load_network, resolve_device
     from ckaflow.provenance import atomic_path, code_version
 
@@ -143,6 +144,7 @@ def probe_run(
     trained, meta = load_network(model_path)
     run = run_spec_from_dict(meta["run_spec"])
     data = open_prepared(data_path)
+    feed = feed_for(run, data.attrs)
     train_images, train_labels = (torch.from_numpy(a) for a in data.train())
     eval_images = torch.from_numpy(data.view("clean"))
     eval_labels = torch.from_numpy(data.eval_labels()).to(dev)
@@ -155,14 +157,12 @@ def probe_run(
     encoders = {"trained": trained}
     if untrained:
         untrained_net = initial_network(run, meta["data_attrs"], meta).to(dev)
-        encoders["untrained"] = calibrate_batchnorm(
-            untrained_net, train_images, data.normalise, dev
-        )
+        encoders["untrained"] = calibrate_batchnorm(untrained_net, train_images, feed, dev)
     rows = []
     for encoder, net in encoders.items():
         net = net.to(dev)
-        train_feats = pooled_layers(net, train_images, data.normalise, dev, names)
-        eval_feats = pooled_layers(net, eval_images, data.normalise, dev, names)
+        train_feats = pooled_layers(net, train_images, feed, dev, names)
+        eval_feats = pooled_layers(net, eval_images, feed, dev, names)
         for layer in chosen:
             train_acc, eval_acc = linear_probe(
                 train_feats[layer.name],

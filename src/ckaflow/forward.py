@@ -3,8 +3,8 @@
 `ViewPass.open` loads the run's network onto the device with the forward settings
 (`ckaflow.models.forward_settings`: autocast precision, channels-last), opens the view of the
 data store, resolves the requested layers against the registry, and calling it runs uint8
-pixels through the network (normalised, in the chosen memory format, under autocast); the
-layers reach whatever `record_layers` hooks are installed.
+pixels through the network (fed as the run's `input` says, `ckaflow.feed`; in the chosen
+memory format, under autocast); the layers reach whatever `record_layers` hooks are installed.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class ViewPass:
     device: Any
     amp: Any  # autocast dtype, or None
     channels_last: bool
+    feed: Any  # ckaflow.feed.Feed: the run's resize and normalisation
 
     @classmethod
     def open(
@@ -45,7 +46,9 @@ class ViewPass:
     ) -> ViewPass:
         import torch
 
+        from ckaflow.config import run_spec_from_dict
         from ckaflow.data import open_prepared
+        from ckaflow.feed import feed_for
         from ckaflow.models import forward_settings, load_network, resolve_device
 
         dev = resolve_device(device)
@@ -63,7 +66,8 @@ class ViewPass:
         if unknown:
             raise StoreError(f"{model_path}: the model has no layers {unknown}")
         chosen = [layer for layer in registry if layer.name in wanted]
-        return cls(net, meta, data, array, n, chosen, dev, amp, cl)
+        feed = feed_for(run_spec_from_dict(meta["run_spec"]), data.attrs)
+        return cls(net, meta, data, array, n, chosen, dev, amp, cl, feed)
 
     @property
     def names(self) -> list[str]:
@@ -100,7 +104,7 @@ class ViewPass:
         """Run uint8 pixels (a tensor on the device) through the network."""
         import torch
 
-        x = self.data.normalise(pixels.float() / 255)
+        x = self.feed(pixels)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp else None

@@ -26,13 +26,13 @@ Files are read with `weights_only=True`: one that holds code is refused, never r
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ckaflow.config import RunSpec, stable_hash
+from ckaflow.config import RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
 from ckaflow.errors import CheckpointError
 from ckaflow.models import ModuleNetwork, Network, build_module, record_layers
@@ -258,7 +258,7 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
     if head == "classifier":
         extra["head_outputs"] = int(wanted["weight"].shape[0])
     extra["stem_relu"] = stem_has_relu(source.format, weights, meta)
-    channels, size, _ = data_attrs["image_shape"]
+    channels, size, _ = run.fed_shape(data_attrs["image_shape"])
     try:
         net = Network(
             head,
@@ -299,7 +299,7 @@ def _import_module(run: RunSpec, data_attrs: dict, path: Path) -> tuple[nn.Modul
     except ValueError as err:
         raise CheckpointError(f"{path}: {err}") from None
     # one forward pass of two blank images: every chosen module must run exactly once
-    channels, size, _ = data_attrs["image_shape"]
+    channels, size, _ = run.fed_shape(data_attrs["image_shape"])
     try:
         with torch.no_grad(), record_layers(wrapped.eval()):
             wrapped(torch.zeros(2, channels, size, size))
@@ -318,7 +318,7 @@ def import_run(run: RunSpec, data_path: str | Path, out: str | Path, log=print) 
     run = extra["run"]
     path = Path(run.imported.checkpoint)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    run_spec = asdict(run)
+    run_spec = to_jsonable(run)
     meta = provenance(
         kind="ckaflow.model",
         run=run.run_id,

@@ -97,6 +97,14 @@ def _order(attrs: dict, name: str) -> tuple[int, str]:
     return index.get(name, 10**6), name
 
 
+def _fed(meta: dict) -> str:
+    """How the model.pt's network is fed the stored images (its run's `input`)."""
+    from ckaflow.config import describe_input, run_spec_from_dict
+
+    run = run_spec_from_dict(meta["run_spec"])
+    return describe_input(run.input, meta["data_attrs"]["image_shape"])
+
+
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
@@ -112,6 +120,7 @@ def describe_checkpoint(path: Path) -> str:
             f"  run: {meta.get('run')} (imported, not trained by ckaflow)",
             f"  from: {imported['format']} checkpoint {imported['checkpoint']}",
             f"  source SHA-256: {imported['sha256']}; heads left out: {imported['dropped']}",
+            f"  fed: {_fed(meta)}",
             f"  code version: {meta.get('code_version')}, created {meta.get('created')}",
             f"  spec hash: {meta.get('spec_hash')}",
         ]
@@ -120,6 +129,7 @@ def describe_checkpoint(path: Path) -> str:
             f"  run: {meta.get('run')}",
             f"  epochs: {meta.get('epochs')}",
             f"  kNN accuracy: {meta.get('knn_accuracy')}",
+            f"  fed: {_fed(meta)}",
             f"  code version: {meta.get('code_version')}, created {meta.get('created')}",
             f"  spec hash: {meta.get('spec_hash')}",
         ]

@@ -349,7 +349,7 @@ def forward_settings(
 def build_network(run: RunSpec, data_attrs: dict, meta: dict | None = None) -> nn.Module:
     """The run's network for the data (untrained); `meta` (a model.pt's) gives an imported
     network's head size, projector layout and whether its stem has a ReLU."""
-    channels, size, _ = data_attrs["image_shape"]
+    channels, size, _ = run.fed_shape(data_attrs["image_shape"])
     meta = meta or {}
     source = run.imported
     if source is not None and source.format == "module":

@@ -152,7 +152,7 @@ def forward_flops(run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: 
 
     from ckaflow.models import build_network
 
-    channels, size, _ = image_shape
+    channels, size, _ = run.fed_shape(image_shape)
     attrs = {"image_shape": image_shape, "num_classes": classes}
     with torch.device("meta"):
         net = build_network(run, attrs).eval()
@@ -168,7 +168,7 @@ def module_features(run: cfg.RunSpec, image_shape: tuple[int, int, int]) -> dict
 
     from ckaflow.models import build_network, record_layers
 
-    channels, size, _ = image_shape
+    channels, size, _ = run.fed_shape(image_shape)
     with torch.device("meta"):
         net = build_network(run, {"image_shape": image_shape, "num_classes": 0}).eval()
         with record_layers(net) as got:
@@ -219,7 +219,7 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
             sizes = layer_features(
                 model.arch,
                 model.width,
-                image_shape[1],
+                run.fed_shape(image_shape)[1],
                 run.head,
                 head,
                 model.stem,

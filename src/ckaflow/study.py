@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -162,16 +162,16 @@ class Study:
     # tested over every key of the schema). Where and how a stage runs (device, backend, slurm,
     # checkpoint) and where the data set lives (data.root) are part of no spec.
     def prepare_spec(self) -> PrepareSpec:
-        data = {k: v for k, v in asdict(self.data).items() if k != "root"}
-        return PrepareSpec(data, asdict(self.augment))
+        data = {k: v for k, v in cfg.to_jsonable(self.data).items() if k != "root"}
+        return PrepareSpec(data, cfg.to_jsonable(self.augment))
 
     def train_spec(self, run: str) -> TrainSpec:
-        return TrainSpec(asdict(self.runs[run]), asdict(self.augment))
+        return TrainSpec(cfg.to_jsonable(self.runs[run]), cfg.to_jsonable(self.augment))
 
     def import_spec(self, run: str) -> dict:
         """An imported run: its source, format, architecture and labels (the file's content is
         the rule's input, so a new file at the same path reruns it too)."""
-        return asdict(self.runs[run])
+        return cfg.to_jsonable(self.runs[run])
 
     def evaluate_spec(self) -> dict:
         return dict(self.config["evaluate"])
@@ -228,11 +228,12 @@ class Study:
         are made, change no number and are left out; an imported run enters by its checkpoint's
         path)."""
         sides = sorted(self.sides(), key=lambda side: side.tag)
-        cka = {k: v for k, v in asdict(self.cka).items() if k not in ("tile_layers", "comparisons")}
+        unread = ("tile_layers", "comparisons")
+        cka = {k: v for k, v in cfg.to_jsonable(self.cka).items() if k not in unread}
         upstream = [
-            asdict(self.prepare_spec()),
-            [asdict(self.train_spec(run)) for run in sorted(self.runs)],
-            [asdict(self.gram_spec(side)) for side in sides],
+            cfg.to_jsonable(self.prepare_spec()),
+            [cfg.to_jsonable(self.train_spec(run)) for run in sorted(self.runs)],
+            [cfg.to_jsonable(self.gram_spec(side)) for side in sides],
             cka,
         ]
         return {"config_hash": cfg.stable_hash(upstream)}

@@ -22,6 +22,7 @@ from ckaflow.augment import hash_seed, take_rows
 from ckaflow.config import AugmentSpec, RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
 from ckaflow.errors import CheckpointError, UnsafeFileError
+from ckaflow.feed import feed_for
 from ckaflow.models import forward_settings, initial_network, resolve_device
 from ckaflow.provenance import atomic_path, provenance
 from ckaflow.train import checkpoint, distributed
@@ -146,6 +147,7 @@ class Trainer:
                 self.model, device_ids=[dev.index] if dev.type == "cuda" else None
             )
 
+        self.feed = feed_for(run, self.data.attrs)  # the run's resize and normalisation
         images, labels = self.data.train()
         self.images, self.labels = torch.from_numpy(images), torch.from_numpy(labels)
         self.batch = min(recipe.batch_size, len(self.images))
@@ -159,7 +161,7 @@ class Trainer:
         self.last_save_t, self.last_save_step, self.last_log_t = now, 0, now
 
     def to_input(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.data.normalise(x)
+        x = self.feed(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     # -- resume ----------------------------------------------------------------------------
@@ -315,9 +317,9 @@ class Trainer:
             return model_path
         run, attrs, net, dev = self.run, self.data.attrs, self.net, self.dev
         net.eval()
-        bank = evaluate.encode(net, self.images, self.data.normalise, dev)
+        bank = evaluate.encode(net, self.images, self.feed, dev)
         clean = torch.from_numpy(self.data.view("clean"))
-        queries = evaluate.encode(net, clean, self.data.normalise, dev)
+        queries = evaluate.encode(net, clean, self.feed, dev)
         eval_labels = torch.from_numpy(self.data.eval_labels())
         knn = evaluate.knn_accuracy(bank, self.labels, queries, eval_labels, attrs["num_classes"])
         self.log(f"{run.run_id} kNN accuracy on the eval subset: {knn:.4f}")
