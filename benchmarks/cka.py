@@ -23,8 +23,9 @@ import time
 import numpy as np
 import torch
 
-from ckaflow.cka.engine import cka_between, gram_stats
 from ckaflow.cka.estimators import hsic_unbiased, row_blocks
+from ckaflow.cka.grams import gram_stats
+from ckaflow.cka.pairs import cka_between
 
 
 def synthetic_layers(n: int, dims: list[int], seed: int = 0) -> list[np.ndarray]:

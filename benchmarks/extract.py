@@ -9,16 +9,17 @@ mode's time is the best over rounds and passes, as this machine's speed varies f
 
   (a) bare   the same model's forward pass over the same images in the same batches: no hooks,
              no I/O;
-  (b) fused  `ckaflow.cka.fused.fused_gram_store` of every registered layer (minibatch
+  (b) fused  `ckaflow.stages.gram.fused_gram_store` of every registered layer (minibatch
              estimator, one pass): no activation is stored;
-  (c) store  today's path end to end: `ckaflow.activations.extract` of every layer (zstd level
-             1, float32) and then `ckaflow.cka.gram.gram_store` on it (same estimator and blocks);
+  (c) store  the store-then-Gram path end to end: `ckaflow.activations.extract` of every layer
+             (zstd level 1, float32) and then `ckaflow.stages.gram.gram_store` on it (same
+             estimator and blocks);
   matmul     the machine's float32 rate on the Gram products themselves: `t @ t.T` for
              t (m, d), one per layer width d and block size m, best of several.
 
 Derived: the fused stage's compute limit = time(a) + the Gram GEMMs' time at the measured rate
 (sum over layers and blocks of 2·m²·d FLOPs: full Grams t tᵀ, although the stage forms only
-each Gram's upper triangle, three quarters of them, `engine.self_gram`); the goals
+each Gram's upper triangle, three quarters of them, `grams.self_gram`); the goals
 (c)/(b) >= 2.5 and limit/(b) >= 0.8 are printed as met or not. Peak RSS: VmHWM above the
 process's RSS once torch and the data are loaded (Linux, reset through /proc/self/clear_refs).
 When (b) misses its goal (or with `--profile always`) one more subprocess times where the fused
@@ -105,11 +106,10 @@ def measure(mode: str, store: Path, model: Path, workdir: Path, batch: int, repe
     import torch
 
     from ckaflow.activations import extract
-    from ckaflow.cka.engine import partition
-    from ckaflow.cka.fused import fused_gram_store
-    from ckaflow.cka.gram import gram_store
+    from ckaflow.cka.partitions import partition
     from ckaflow.data import open_prepared
     from ckaflow.models import load_network
+    from ckaflow.stages.gram import fused_gram_store, gram_store
 
     data = open_prepared(store)
     pixels = data.view(VIEW)
@@ -253,7 +253,8 @@ def profile_fused(store: Path, model: Path, workdir: Path, batch: int) -> dict:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     import ckaflow.models as models
-    from ckaflow.cka import engine, fused
+    from ckaflow.cka import grams
+    from ckaflow.stages import gram as fused
 
     timers: dict[str, float] = {}
     stamps: dict[str, float] = {}
@@ -295,7 +296,7 @@ def profile_fused(store: Path, model: Path, workdir: Path, batch: int) -> dict:
     patches = [
         (models.Network, "forward", network_forward),
         (models, "record_layers", record_layers),
-        (engine._Workspace, "centred", timed("centred", engine._Workspace.centred)),
+        (grams._Workspace, "centred", timed("centred", grams._Workspace.centred)),
         (fused._Flusher, "add", timed("flusher.add", fused._Flusher.add)),
         (fused._Flusher, "flush", timed("flusher.flush", fused._Flusher.flush)),
     ]
@@ -349,7 +350,7 @@ def compare_grams(a: Path, b: Path) -> dict:
     """Max relative difference of the fused and the stored path's Grams, over every layer."""
     import numpy as np
 
-    from ckaflow.cka.gram import load_stats, open_gram
+    from ckaflow.gram_stores import load_stats, open_gram
 
     sa, sb = open_gram(a), open_gram(b)
     names = [layer["name"] for layer in sa.layers]

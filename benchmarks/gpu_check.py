@@ -85,11 +85,10 @@ def image_folder(workdir: Path, n_train: int) -> tuple[Path, str]:
 
 def prepare(workdir: Path, n: int, width: int, dev: torch.device) -> tuple[Path, Path, str]:
     """(data store, model.pt, what the images are)."""
-    from ckaflow import config, data
+    from ckaflow import checkpoint, config, data
     from ckaflow.config import to_jsonable
     from ckaflow.models import initial_network
     from ckaflow.provenance import provenance
-    from ckaflow.train import checkpoint
     from ckaflow.train.loop import train_spec_hash
 
     n_train = 512
@@ -196,10 +195,10 @@ def gemm_seconds(widths: dict[str, int], rows: list[int], dev: torch.device) -> 
 
 
 def check_speed(store: Path, model: Path, work: Path, dev, batch: int, repeat: int) -> dict:
-    from ckaflow.cka import fused
-    from ckaflow.cka.engine import partition
+    from ckaflow.cka.partitions import partition
     from ckaflow.data import open_prepared
     from ckaflow.models import load_network
+    from ckaflow.stages import gram as fused
 
     data = open_prepared(store)
     pixels = torch.from_numpy(data.view(VIEW)).to(dev)
@@ -286,7 +285,7 @@ def exact_float32():
 
 
 def _stats(path: Path):
-    from ckaflow.cka.gram import load_stats, open_gram
+    from ckaflow.gram_stores import load_stats, open_gram
 
     store = open_gram(path)
     names = [layer["name"] for layer in store.layers]
@@ -295,7 +294,7 @@ def _stats(path: Path):
 
 def _compare(a: list, b: list) -> dict:
     """CKA of every layer pair from two lists of GramStats of the same layers."""
-    from ckaflow.cka.engine import cka_between
+    from ckaflow.cka.pairs import cka_between
 
     gram = max(
         float(np.abs(x.grams - y.grams).max() / (np.abs(y.grams).max() or 1.0))
@@ -316,10 +315,10 @@ def check_device_vs_cpu(store: Path, model: Path, work: Path, dev, examples: int
     end, and the Gram computation alone on the very same activations (the CPU's forward pass,
     `gram_stats` on each device: the block code shared by both Gram paths). On the CPU
     (--small) the device side runs channels-last, so that its convolution kernels differ."""
-    from ckaflow.cka.engine import gram_stats
-    from ckaflow.cka.fused import fused_gram_store
+    from ckaflow.cka.grams import gram_stats
     from ckaflow.data import open_prepared
     from ckaflow.models import load_network, record_layers
+    from ckaflow.stages.gram import fused_gram_store
 
     common = dict(batch_size=batch, examples=examples, precision="fp32", log=_quiet)
     with exact_float32():
@@ -369,7 +368,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _gram(t: torch.Tensor, dev) -> np.ndarray:
     """The stage's own Gram of a block (stats._Workspace centring, then t @ t.T)."""
-    from ckaflow.cka.engine import _Workspace
+    from ckaflow.cka.grams import _Workspace
 
     t = _Workspace(dev).centred(t.flatten(1), None)
     return (t @ t.T).double().cpu().numpy()
@@ -388,10 +387,10 @@ def check_residual(
 
 
 def _check_residual(store, model, work, dev, m: int, precision: str, channels_last) -> dict:
-    from ckaflow.cka.fused import fused_gram_store
-    from ckaflow.cka.gram import load_stats, open_gram
     from ckaflow.data import open_prepared
+    from ckaflow.gram_stores import load_stats, open_gram
     from ckaflow.models import load_network, record_layers
+    from ckaflow.stages.gram import fused_gram_store
 
     data = open_prepared(store)
     net, _ = load_network(model)

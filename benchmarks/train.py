@@ -75,7 +75,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)  # as train_run on the CPU: same kernels for both
     from ckaflow import config, data
-    from ckaflow.models import resolve_device
+    from ckaflow.devices import resolve_device
 
     n = 1024 if args.quick else 2048
     rounds = 1 if args.quick else args.rounds

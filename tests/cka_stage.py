@@ -1,6 +1,6 @@
-"""One comparison through the CKA stage (`ckaflow.cka.comparisons`), as the tests call it."""
+"""One comparison through the CKA stage (`ckaflow.stages.cka`), as the tests call it."""
 
-from ckaflow.cka.comparisons import Pair, compute_comparisons
+from ckaflow.stages.cka import Pair, compute_comparisons
 
 
 def compute_tile(comparison, kind, a, b, rows, cols, estimator, out, bootstrap=0, seed=0):

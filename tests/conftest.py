@@ -107,7 +107,7 @@ def activations(tmp_path_factory, trained, prepared) -> dict[tuple[str, str], Pa
 @pytest.fixture(scope="module")
 def grams(activations, tmp_path_factory) -> dict[str, Path]:
     """Minibatch Gram stores (64-row blocks) of both runs' clean activations."""
-    from ckaflow.cka.gram import gram_store
+    from ckaflow.stages.gram import gram_store
 
     root = tmp_path_factory.mktemp("grams")
     return {

@@ -20,7 +20,7 @@ from ckaflow.config import load_schema
 # The tiny study: 2 runs (simclr and supervised, seed 0) x 3 views. One CKA job computes every
 # comparison; it reruns whenever any comparison's inputs or settings change, and then computes
 # only the comparisons whose stores or settings changed, taking the rest from its cache
-# (`ckaflow.cka.comparisons`; tests/test_workflow.py checks what it computed).
+# (`ckaflow.stages.cka`; tests/test_workflow.py checks what it computed).
 REPORT = {"merge_tables": 1, "figures": 1, "summary": 1}
 ONE_METHOD = {
     "train": 1,

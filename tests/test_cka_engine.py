@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ckaflow import cka
-from ckaflow.cka.engine import gram_stats, partition
+from ckaflow.cka.grams import gram_stats
+from ckaflow.cka.partitions import partition
 from tests.test_cka import ref_biased_cka, ref_debiased_cka, ref_minibatch_cka
 from tests.tolerances import cka_atol
 
@@ -127,7 +128,7 @@ def test_streaming_from_zarr_equals_in_memory_and_reads_chunk_by_chunk(tmp_path,
 
 
 def test_gram_stats_reload_exactly_through_the_pipeline_store(tmp_path):
-    from ckaflow.cka.gram import load_stats, open_gram, write_gram_store
+    from ckaflow.gram_stores import load_stats, open_gram, write_gram_store
 
     layers = _layers()
     stats = {k: gram_stats(v, batch_size=32, device="cpu", name=k) for k, v in layers.items()}
@@ -226,7 +227,7 @@ def test_bootstrap_percentiles_skip_nan_replicates_as_nanpercentile_does():
     percentile: the same numbers, bit for bit."""
     import warnings
 
-    from ckaflow.cka.engine import _percentiles
+    from ckaflow.cka.pairs import _percentiles
 
     draws = np.random.default_rng(0).random((200, 6, 7))
     draws[5, 3, 4] = np.nan  # one NaN replicate

@@ -12,10 +12,12 @@ import pytest
 import zarr
 
 from ckaflow.bytecount import COUNT
-from ckaflow.cka.comparisons import Pair, compute_comparisons
-from ckaflow.cka.engine import GramStats, cka_between, cka_interval, partition, partition_digest
-from ckaflow.cka.gram import load_stats, open_gram, write_gram_store
+from ckaflow.cka.grams import GramStats
+from ckaflow.cka.pairs import cka_between, cka_interval
+from ckaflow.cka.partitions import partition, partition_digest
+from ckaflow.gram_stores import load_stats, open_gram, write_gram_store
 from ckaflow.plan import cka_job_memory
+from ckaflow.stages.cka import Pair, compute_comparisons
 
 LAYERS, N, B, PASSES = 12, 3840, 128, 2  # 30 blocks of 128 rows per pass: 60 blocks per layer
 TILE, BOOTSTRAP = 6, 100  # three comparisons of layers 0..5 and 6..11 of one store
@@ -56,7 +58,7 @@ def many_blocks(tmp_path_factory):
 
 MEASURE = f"""
 import sys, tracemalloc
-from ckaflow.cka.comparisons import Pair, compute_comparisons
+from ckaflow.stages.cka import Pair, compute_comparisons
 from tests.test_cka_job import SPLITS
 path, out = sys.argv[1], sys.argv[2]
 def run(name, splits):

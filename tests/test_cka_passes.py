@@ -15,20 +15,15 @@ import pytest
 import zarr
 
 from ckaflow import cka, data
-from ckaflow.cka.engine import (
-    block_centre,
-    cka_between,
-    cka_interval,
-    gram_stats,
-    partition,
-    partition_digest,
-    pass_permutation,
-    self_gram,
-)
 from ckaflow.cka.estimators import gram_linear, hsic_unbiased, linear_cka, row_blocks, u_center
-from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
+from ckaflow.cka.grams import block_centre, gram_stats, self_gram
+from ckaflow.cka.pairs import cka_between, cka_interval
+from ckaflow.cka.partitions import partition, partition_digest, pass_permutation
 from ckaflow.data import open_prepared
 from ckaflow.errors import ComparisonError, ConfigError
+from ckaflow.gram_stores import load_stats, open_gram
+from ckaflow.stages.gram import gram_store
+from ckaflow.stages.gram_labels import label_gram_store
 from ckaflow.store import open_store
 from tests.cka_stage import compute_tile
 from tests.test_cka import ref_hsic1
@@ -504,7 +499,7 @@ def test_streamed_tile_equals_the_in_memory_route(
 
 def test_block_hsics_give_cka_between_and_are_the_one_bootstrap(pair):
     """BlockHSICs: the per-block terms carry the value and the interval of the in-memory API."""
-    from ckaflow.cka.engine import block_hsics
+    from ckaflow.cka.pairs import block_hsics
 
     x, y = pair
     for passes in (1, 3):

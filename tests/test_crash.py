@@ -297,7 +297,7 @@ def test_extraction_killed_at_random_points(trained, prepared, tmp_path):
 
 @pytest.mark.crash
 def test_gram_killed_at_random_points(activations, tmp_path):
-    from ckaflow.cka.gram import open_gram
+    from ckaflow.gram_stores import open_gram
 
     def cmd(out):
         return ckaflow(
@@ -342,7 +342,7 @@ def test_fused_gram_killed_at_random_points(trained, prepared, tmp_path):
     """The fused stage (network to Gram store, 2 passes: 6 blocks), flushing every block, killed
     at random points of its work; then once right after a flush, which the rerun must resume
     from (and not start over), to the same bits as an uninterrupted run."""
-    from ckaflow.cka.gram import open_gram
+    from ckaflow.gram_stores import open_gram
 
     cmd = fused_gram_command(trained, prepared)
 

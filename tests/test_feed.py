@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from ckaflow import config
-from ckaflow.cka.engine import cka_between, gram_stats
+from ckaflow.cka.grams import gram_stats
+from ckaflow.cka.pairs import cka_between
 from ckaflow.errors import ConfigError
 from ckaflow.feed import Feed, feed_for
 from ckaflow.forward import ViewPass

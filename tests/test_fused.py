@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from ckaflow.cka.engine import block_centre, cka_between
-from ckaflow.cka.fused import _Flusher, fused_gram_store
-from ckaflow.cka.gram import gram_store, load_stats, open_gram
+from ckaflow.cka.grams import block_centre
+from ckaflow.cka.pairs import cka_between
 from ckaflow.errors import ConfigError, StoreError
+from ckaflow.gram_stores import load_stats, open_gram
+from ckaflow.stages.gram import _Flusher, fused_gram_store, gram_store
 from tests.conftest import BIN, ENV
 from tests.tolerances import gram_atol
 
@@ -52,7 +53,7 @@ def test_fused_equals_store_then_gram(same_batches, trained, prepared, tmp_path,
     forwarded the same batch shapes (a forward pass in other batch shapes may take other float32
     kernels, whose rounding no bound on the Gram stage covers), the permuted blocks of passes > 1
     only put examples at other places of a batch of the same shape, and both form each Gram
-    with `engine.block_gram`'s arithmetic (or `engine.gram_stats` for the full-data estimators).
+    with `grams.block_gram`'s arithmetic (or `grams.gram_stats` for the full-data estimators).
     """
     stored = gram_store(same_batches, tmp_path / "s.zarr", estimator, 64, "cpu", passes, 7)
     fused = _fused(

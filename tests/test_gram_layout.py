@@ -8,15 +8,9 @@ import pandas as pd
 import pytest
 import zarr
 
-from ckaflow.cka import engine
-from ckaflow.cka.gram import (
-    gram_store,
-    load_stats,
-    open_gram,
-    pack_upper,
-    unpack_upper,
-    write_gram_store,
-)
+from ckaflow.cka import grams
+from ckaflow.gram_stores import load_stats, open_gram, pack_upper, unpack_upper, write_gram_store
+from ckaflow.stages.gram import gram_store
 from tests.cka_stage import compute_tile
 
 
@@ -88,7 +82,7 @@ def test_values_that_float32_cannot_hold_are_stored_in_float64(activations, tmp_
     name = store.layers[0]["name"]
     assert store[name].dtype == np.float64
     x = np.random.default_rng(1).normal(size=(96, 7))  # float64 values: a float64 GEMM
-    stats = engine.gram_stats(x, batch_size=32, device="cpu")
+    stats = grams.gram_stats(x, batch_size=32, device="cpu")
     out = write_gram_store(tmp_path / "wide.zarr", {"x": stats}, {"run": "x", "view": "x"})
     stored = open_gram(out)
     assert stored["x"].dtype == np.float64

@@ -6,10 +6,12 @@ import pytest
 import zarr
 
 from ckaflow import cka
-from ckaflow.cka.engine import partition
-from ckaflow.cka.gram import gram_store, label_gram_store, load_stats, open_gram
+from ckaflow.cka.partitions import partition
 from ckaflow.data import open_prepared
 from ckaflow.errors import ComparisonError, StoreError
+from ckaflow.gram_stores import load_stats, open_gram
+from ckaflow.stages.gram import gram_store
+from ckaflow.stages.gram_labels import label_gram_store
 from ckaflow.store import open_store
 from ckaflow.tables import COLUMNS
 from tests.cka_stage import compute_tile

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from ckaflow import config
-from ckaflow.cka.engine import cka_between, gram_stats
+from ckaflow.cka.grams import gram_stats
+from ckaflow.cka.pairs import cka_between
 from ckaflow.data import open_prepared
 from ckaflow.errors import CheckpointError
 from ckaflow.imports import import_run

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from ckaflow import cka
-from ckaflow.cka.engine import FULL_DATA_GROUPS, block_hsics, cka_jackknife, gram_stats
+from ckaflow.cka.grams import gram_stats
+from ckaflow.cka.pairs import FULL_DATA_GROUPS, block_hsics, cka_jackknife
 
 
 def layers(n: int = 256, seed: int = 0) -> list[np.ndarray]:

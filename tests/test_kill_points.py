@@ -123,7 +123,7 @@ def _older(cmd):
 def test_fused_gram_killed_between_a_flush_and_its_progress_and_in_its_metadata(
     trained, prepared, tmp_path
 ):
-    from ckaflow.cka.gram import open_gram
+    from ckaflow.gram_stores import open_gram
 
     cmd = fused_gram_command(trained, prepared)
 

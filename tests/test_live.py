@@ -29,9 +29,9 @@ def _loader(images: torch.Tensor, batch: int):
 
 
 def test_compare_gives_the_workflows_numbers(trained, prepared, tmp_path):
-    from ckaflow.cka.comparisons import Pair, compute_comparisons
-    from ckaflow.cka.fused import fused_gram_store
     from ckaflow.models import load_network
+    from ckaflow.stages.cka import Pair, compute_comparisons
+    from ckaflow.stages.gram import fused_gram_store
 
     stores = {
         method: fused_gram_store(

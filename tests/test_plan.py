@@ -191,7 +191,7 @@ def test_cka_memory_of_the_full_data_estimators_is_their_loaded_layers():
 
 def test_full_data_estimators_forward_once_per_layer_group():
     """linear: the rows of a group of layers are held at once; one forward pass per group."""
-    from ckaflow.cka.fused import _layer_groups
+    from ckaflow.stages.gram import _layer_groups
 
     assert _layer_groups({"a": 10, "b": 10, "c": 30}, 100, 100 * 20 * 4) == [["a", "b"], ["c"]]
     assert _layer_groups({"a": 10, "b": 10}, 100, 1) == [["a"], ["b"]]
@@ -206,9 +206,10 @@ def test_predicted_gram_bytes_and_flops_are_what_the_gram_stage_does(activations
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from ckaflow.cka.engine import gram_stats
-    from ckaflow.cka.gram import gram_store, open_gram
+    from ckaflow.cka.grams import gram_stats
+    from ckaflow.gram_stores import open_gram
     from ckaflow.plan import gram_layer_cost
+    from ckaflow.stages.gram import gram_store
 
     cfg = tiny_config(cka={"passes": 3})
     costs = study_costs(cfg)

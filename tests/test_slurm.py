@@ -528,7 +528,7 @@ def test_a_restart_with_another_recipe_cancels_the_old_job_first(cluster, slow_d
 
 @pytest.fixture(scope="module")
 def cka_stores(activations, tmp_path_factory) -> dict[str, str]:
-    from ckaflow.cka.gram import gram_store
+    from ckaflow.stages.gram import gram_store
 
     root = tmp_path_factory.mktemp("cka-stores")
     return {

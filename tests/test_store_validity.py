@@ -72,8 +72,9 @@ def test_activation_stores_of_any_selection_read_with_plain_zarr(
 
 
 def test_data_gram_and_label_stores_read_with_plain_zarr(prepared, activations, trained, tmp_path):
-    from ckaflow.cka.fused import fused_gram_store
-    from ckaflow.cka.gram import gram_store, label_gram_store, open_gram
+    from ckaflow.gram_stores import open_gram
+    from ckaflow.stages.gram import fused_gram_store, gram_store
+    from ckaflow.stages.gram_labels import label_gram_store
 
     _check(prepared)
     stores = [
@@ -98,8 +99,8 @@ def test_inspect_and_the_reader_find_a_chunk_of_the_wrong_size(activations, one_
     its size). A store with either is not called complete, and the reader refuses it."""
     import shutil
 
-    from ckaflow.cka.gram import open_gram
     from ckaflow.errors import StoreError
+    from ckaflow.gram_stores import open_gram
     from ckaflow.store import ChunkPaths, open_store
 
     for source, layer, damage, opener in (
@@ -121,6 +122,6 @@ def test_inspect_and_the_reader_find_a_chunk_of_the_wrong_size(activations, one_
 
 @pytest.fixture
 def one_gram(activations, tmp_path) -> Path:
-    from ckaflow.cka.gram import gram_store
+    from ckaflow.stages.gram import gram_store
 
     return gram_store(activations[("simclr", "clean")], tmp_path / "g" / "g.zarr", "minibatch", 64)

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ckaflow.cka.gram import open_gram
+from ckaflow.gram_stores import open_gram
 from ckaflow.tables import COLUMNS
 from tests.conftest import ENV, REPO, snakemake_cmd
 
@@ -81,7 +81,7 @@ def test_figures_and_artifacts_exist(finished):
     assert "cross-diagonal.png" in figures
     assert all((finished / "results" / "figures" / f).stat().st_size > 10_000 for f in figures)
     # the Gram statistics came from the forward pass; only the selection was stored
-    from ckaflow.cka.gram import open_gram
+    from ckaflow.gram_stores import open_gram
     from ckaflow.store import open_store
 
     run = "simclr-resnet18-w4-s0"

@@ -93,7 +93,7 @@ def gram_atol(x, u: float | None = None) -> np.ndarray:
 
 
 def _block(x, estimator: str) -> tuple[float, float]:
-    """(‖v‖², bound on ‖δv‖²) for one block's HSIC vector v (`engine.block_vector`, without its
+    """(‖v‖², bound on ‖δv‖²) for one block's HSIC vector v (`grams.block_vector`, without its
     normalisation, which scales both alike): v = U(K) (U-centring) or HKH, K the block's Gram.
 
     |δK| ≤ E entrywise (`gram_atol`), so ‖δK‖_F ≤ ‖E‖_F; U-centring is linear with operator
@@ -105,8 +105,8 @@ def _block(x, estimator: str) -> tuple[float, float]:
     |δLᵢⱼ| ≤ Lᵢⱼ(|δsᵢⱼ|/2σ² + sᵢⱼ|δσ²|/2σ⁴). The float64 centring itself (sums of m terms)
     adds at most 4γ_{m+3}(2⁻⁵³)·max|K| per entry.
     """
-    from ckaflow.cka.engine import RBF_SIGMA_FRACTION, rbf_from_linear
     from ckaflow.cka.estimators import center_gram, gram_linear, u_center
+    from ckaflow.cka.grams import RBF_SIGMA_FRACTION, rbf_from_linear
 
     e = gram_atol(x)
     k = gram_linear(x)
@@ -130,8 +130,8 @@ def _block(x, estimator: str) -> tuple[float, float]:
 def cka_atol(x, y, blocks, estimator: str = "minibatch") -> float:
     """Bound on |computed − exact| CKA of x and y (n, ...) for one path that forms each block's
     Gram in the inputs' precision (float32, or float64 for float64 input) and does everything
-    else in float64, as `ckaflow.cka.engine` does; `blocks`: the row indices of every block
-    (`engine.partition`; one block of all rows for the full-data estimators).
+    else in float64, as `ckaflow.cka.grams` does; `blocks`: the row indices of every block
+    (`partitions.partition`; one block of all rows for the full-data estimators).
 
     Propagation: CKA = cos∠(a, b), a and b the concatenated (normalised) block vectors. A
     perturbation δa turns a by an angle of at most arcsin(‖δa‖/‖a‖) (`_block` bounds ‖δa‖),

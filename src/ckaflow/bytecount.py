@@ -4,7 +4,7 @@ hold them against `ckaflow plan`'s prediction.
 
 Zarr arrays count at their logical size (values × item size, before any compression: the
 size the plan can predict), files (checkpoints, tables) at their size on disk. Called by the
-stores' readers and writers (`ckaflow.data`, `ckaflow.cka.gram`, `ckaflow.cka.fused`,
+stores' readers and writers (`ckaflow.data`, `ckaflow.gram_stores`, `ckaflow.stages.gram`,
 `ckaflow.activations`), `ckaflow.provenance.atomic_path` for files and the checkpoint reader.
 """
 

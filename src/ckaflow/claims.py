@@ -11,7 +11,7 @@ Inference: the run is the unit of inference, and the eval images are a second so
   without run r (and so without every pair it takes part in: pairs that share a run are not
   counted as independent), V_runs = Σ_m (n_m − 1)/n_m · Σ_{r ∈ m} (T₍₋ᵣ₎ − mean_m)².
 - Images: every CKA value carries its delete-one-block jackknife replicates (block g of the eval
-  images left out of every layer, run and view alike; `ckaflow.cka.comparisons`). The effect is
+  images left out of every layer, run and view alike; `ckaflow.stages.cka`). The effect is
   recomputed on each replicate, so correlations between the values it is built from are kept:
   V_images = (G − 1)/G · Σ_g (T_g − mean)². Probe accuracies carry binomial standard errors,
   added as if perfectly correlated (never too small).

@@ -143,7 +143,8 @@ LABEL_GRAM_KEYS = ("estimator", "batch_size", "passes", "seed", "examples")
 
 
 def cmd_gram(args) -> None:
-    from ckaflow.cka.gram import gram_store, label_gram_store
+    from ckaflow.stages.gram import gram_store
+    from ckaflow.stages.gram_labels import label_gram_store
 
     common = {
         "out": args.out,
@@ -161,8 +162,8 @@ def cmd_gram(args) -> None:
         kwargs = {"activations": args.source, "device": args.device, **common}
         _launch(args, "gram", gram_store, kwargs, key=args.out)
     else:
-        from ckaflow.cka.fused import fused_gram_store
         from ckaflow.errors import ConfigError
+        from ckaflow.stages.gram import fused_gram_store
 
         if not (args.model and args.data and args.view):
             raise ConfigError("ckaflow gram needs --source, or --model, --data and --view")
@@ -178,8 +179,8 @@ def cmd_gram(args) -> None:
 
 
 def cmd_cka(args) -> None:
-    from ckaflow.cka.comparisons import Pair, compute_comparisons
     from ckaflow.errors import ConfigError
+    from ckaflow.stages.cka import Pair, compute_comparisons
 
     if args.spec:  # the workflow's CkaSpec: every comparison and every setting
         from dataclasses import asdict

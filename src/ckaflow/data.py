@@ -28,8 +28,9 @@ from ckaflow.datasets import (  # noqa: F401  (the loaders, also reached as ckaf
     read_idx_images,
     source_sha256,
 )
-from ckaflow.errors import DatasetError
+from ckaflow.errors import DatasetError, StoreError
 from ckaflow.provenance import atomic_path, provenance
+from ckaflow.store import open_store
 
 
 def check_source(name: str, root: str | Path, store: str | Path) -> None:
@@ -220,7 +221,10 @@ def open_prepared(path: str | Path) -> PreparedData:
     path = Path(path)
     if not path.exists():
         raise DatasetError(f"{path}: prepared data store missing; run `ckaflow prepare` first")
-    group = zarr.open_group(path, mode="r")
-    if group.attrs.get("kind") != "ckaflow.data" or not group.attrs.get("complete"):
-        raise DatasetError(f"{path}: not a complete ckaflow data store; delete it and rerun")
+    try:
+        group = open_store(path, kind="ckaflow.data").group
+    except StoreError as err:
+        raise DatasetError(
+            f"{err}: not a complete ckaflow data store; delete it and rerun"
+        ) from None
     return PreparedData(path, group)

@@ -136,8 +136,9 @@ def probe_run(
     `out` (parquet), one row per encoder and layer."""
     from ckaflow.config import run_spec_from_dict
     from ckaflow.data import open_prepared
+    from ckaflow.devices import resolve_device
     from ckaflow.feed import feed_for
-    from ckaflow.models import initial_network, load_network, resolve_device
+    from ckaflow.models import initial_network, load_network
     from ckaflow.provenance import atomic_path, code_version
 
     dev = resolve_device(device)

@@ -48,8 +48,9 @@ class ViewPass:
 
         from ckaflow.config import run_spec_from_dict
         from ckaflow.data import open_prepared
+        from ckaflow.devices import resolve_device
         from ckaflow.feed import feed_for
-        from ckaflow.models import forward_settings, load_network, resolve_device
+        from ckaflow.models import forward_settings, load_network
 
         dev = resolve_device(device)
         amp, cl = forward_settings(precision, channels_last, dev)

@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ckaflow import checkpoint
 from ckaflow.config import RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
 from ckaflow.errors import CheckpointError
 from ckaflow.models import ModuleNetwork, Network, build_module, record_layers
 from ckaflow.provenance import atomic_path, provenance
-from ckaflow.train import checkpoint
 
 PREFIXES = ("module.", "_orig_mod.")
 LAYERS = ("layer1", "layer2", "layer3", "layer4")

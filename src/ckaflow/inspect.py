@@ -109,7 +109,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 
 
 def describe_checkpoint(path: Path) -> str:
-    from ckaflow.train.checkpoint import read_state
+    from ckaflow.checkpoint import read_state
 
     state = read_state(path)  # weights only: inspecting a file never runs code from it
     lines = [f"{path}: PyTorch checkpoint, {_human(_size(path))}"]

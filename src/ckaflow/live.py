@@ -3,7 +3,7 @@
 The chosen layers of every network are hooked; the loader's images are gathered into blocks of
 `batch_size` rows, and each block goes through every network once while the hooks turn each
 layer's output into its block Gram on the device (the fused Gram stage's arithmetic: float32
-products of rows shifted by `engine.block_centre`, float64 sums). Only each block's HSIC terms
+products of rows shifted by `grams.block_centre`, float64 sums). Only each block's HSIC terms
 are kept, so memory is one block of every layer, whatever the number of images. The result is
 the workflow's tidy CKA table (`ckaflow.tables.COLUMNS`), with intervals when `bootstrap` > 0;
 on the same networks and images it holds the numbers the workflow gives.
@@ -17,15 +17,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from ckaflow.cka.engine import (
-    BlockHSICs,
-    _torch_device,
-    _Workspace,
-    block_terms,
-    block_vector,
-    self_gram,
-)
 from ckaflow.cka.estimators import MIN_BATCH_ROWS
+from ckaflow.cka.grams import _Workspace, block_vector, self_gram
+from ckaflow.cka.pairs import BlockHSICs, block_terms
+from ckaflow.devices import resolve_device
 from ckaflow.tables import COLUMNS
 
 
@@ -87,9 +82,9 @@ def compare(
 
 def _device_of(net, device: str):
     if device != "auto":
-        return _torch_device(device)
+        return resolve_device(device)
     weights = next(iter(net.parameters()), None)
-    return weights.device if weights is not None else _torch_device("auto")
+    return weights.device if weights is not None else resolve_device("auto")
 
 
 def _layers_of(layers, name: str, net) -> list[str] | None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from collections.abc import Iterator
 from fnmatch import fnmatch
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ckaflow import checkpoint
 from ckaflow.augment import hash_seed
 from ckaflow.config import HEADS, ModelSpec, RunSpec, run_spec_from_dict
 from ckaflow.errors import CheckpointError
@@ -28,7 +28,6 @@ from ckaflow.layers import (
     layer_registry,
     module_registry,
 )
-from ckaflow.train import checkpoint
 
 
 class Encoder(ResNet):
@@ -307,20 +306,6 @@ def record_layers(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def resolve_device(device: str) -> torch.device:
-    """`auto` = the GPU when there is one. With several processes per node (LOCAL_RANK set by
-    torchrun or SLURM), each takes its own GPU."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device: cuda was requested but no CUDA GPU is visible")
-        index = int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(device)
 
 
 def forward_settings(

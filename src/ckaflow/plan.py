@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ckaflow import config as cfg
-from ckaflow.cka.engine import FULL_DATA_GROUPS, gram_products
 from ckaflow.cka.estimators import row_blocks
-from ckaflow.cka.fused import MEMORY_BYTES, _layer_groups
-from ckaflow.cka.gram import packed_length
+from ckaflow.cka.grams import gram_products
+from ckaflow.cka.pairs import FULL_DATA_GROUPS
+from ckaflow.gram_stores import packed_length
 from ckaflow.layers import layer_features
 from ckaflow.stage_costs import (
     DEFAULT_CPU_GFLOPS,
@@ -27,6 +27,7 @@ from ckaflow.stage_costs import (
     render_stages,
     stage_costs,
 )
+from ckaflow.stages.gram import MEMORY_BYTES, _layer_groups
 from ckaflow.study import LABELS, Side, Study
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -84,13 +85,13 @@ def gram_layer_cost(
     estimator: str, n: int, batch_size: int, passes: int, features: int
 ) -> tuple[int, float, int]:
     """(blocks, FLOPs, stored bytes) of one layer's Gram statistics, as the Gram stage
-    (`ckaflow.cka.fused`, `ckaflow.cka.engine.gram_stats`) computes them.
+    (`ckaflow.stages.gram`, `ckaflow.cka.grams.gram_stats`) computes them.
 
     minibatch: 2·d·`gram_products`(m) FLOPs per block of m rows (about 1.5·m²·d: each block's
     symmetric Gram is formed as its upper triangle), in every pass. Full-data estimators: the
     n × n Gram from pairs of `batch_size`-row chunks, each pair below the diagonal once and
     each diagonal chunk as a block (about n²·d). Stored: each block's upper triangle, float32
-    but for the RBF kernel (`ckaflow.cka.gram`).
+    but for the RBF kernel (`ckaflow.gram_stores`).
     """
     itemsize = 8 if estimator == "rbf" else 4
     if estimator == "minibatch":
@@ -113,7 +114,7 @@ def cka_job_memory(
     bootstrap: int,
     tile_layers: int,
 ) -> int:
-    """Peak bytes of one CKA job (`ckaflow.cka.comparisons.compute_comparisons`) over comparisons
+    """Peak bytes of one CKA job (`ckaflow.stages.cka.compute_comparisons`) over comparisons
     of `pairs` (La, Lb) layers, `layers` distinct layers in all, whose statistics are `blocks`
     Grams of size × size.
 
@@ -137,7 +138,7 @@ def cka_job_memory(
 def cka_job_reads(
     estimator: str, pairs: list[tuple[int, int]], layers: int, layer_bytes: int, tile_layers: int
 ) -> int:
-    """Bytes of Gram statistics one CKA job reads (`ckaflow.cka.comparisons`): streamed
+    """Bytes of Gram statistics one CKA job reads (`ckaflow.stages.cka`): streamed
     (minibatch), each of its `layers` distinct layers once; full data, per comparison of
     La × Lb layers, each row tile's layers once and the column layers once per row tile."""
     if estimator == "minibatch":

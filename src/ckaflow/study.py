@@ -2,7 +2,7 @@
 
 A *side* of a comparison is one representation set: a run on a view, or the eval labels.
 A *comparison* pairs two sides; one CKA job computes every comparison, reading each Gram store
-once (`ckaflow.cka.comparisons`).
+once (`ckaflow.stages.cka`).
 """
 
 from __future__ import annotations

@@ -7,17 +7,8 @@ every pair from them. The formulas, one small function each, are in `ckaflow.cka
 (the README's CKA section says which paper each comes from).
 """
 
-from ckaflow.cka.engine import (
-    ESTIMATORS,
-    GramStats,
-    cka_between,
-    cka_interval,
-    cka_jackknife,
-    gram_stats,
-    partition,
-    pass_permutation,
-)
 from ckaflow.cka.estimators import (
+    ESTIMATORS,
     center_gram,
     gram_linear,
     hsic_biased,
@@ -27,7 +18,10 @@ from ckaflow.cka.estimators import (
     one_hot,
     u_center,
 )
+from ckaflow.cka.grams import GramStats, gram_stats
 from ckaflow.cka.matrix import cka_matrix
+from ckaflow.cka.pairs import cka_between, cka_interval, cka_jackknife
+from ckaflow.cka.partitions import partition, pass_permutation
 
 __all__ = [
     "ESTIMATORS",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ckaflow.cka.engine import GramStats, cka_between, gram_stats
+from ckaflow.cka.grams import GramStats, gram_stats
+from ckaflow.cka.pairs import cka_between
 
 
 def _names(reps) -> list[str]:

@@ -17,15 +17,16 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ckaflow import evaluate
+from ckaflow import checkpoint, evaluate
 from ckaflow.augment import hash_seed, take_rows
 from ckaflow.config import AugmentSpec, RunSpec, stable_hash, to_jsonable
 from ckaflow.data import open_prepared
+from ckaflow.devices import resolve_device
 from ckaflow.errors import CheckpointError, UnsafeFileError
 from ckaflow.feed import feed_for
-from ckaflow.models import forward_settings, initial_network, resolve_device
+from ckaflow.models import forward_settings, initial_network
 from ckaflow.provenance import atomic_path, provenance
-from ckaflow.train import checkpoint, distributed
+from ckaflow.train import distributed
 from ckaflow.train.optim import make_optimizer, make_schedule
 from ckaflow.train.simclr import SimCLR
 from ckaflow.train.supervised import Supervised

@@ -1,13 +1,19 @@
-"""The fused Gram stage: each layer reduced to its Gram statistics during the forward pass.
+"""The `gram` stage: Gram statistics of every compared layer of one run on one view.
+
+`fused_gram_store` (the rule's) runs the network over the view block by block and forms each
+block's Gram from the activations while they are in memory; `gram_store` computes the same
+statistics from a stored activation store instead (the check that both agree, and by hand).
+Both write a Gram store (`ckaflow.gram_stores`).
 
 `fused_gram_store` runs a trained network over one eval view and, for every selected layer,
-forms the per-block Gram matrices of `ckaflow.cka.engine` from the activations while they are in
+forms the per-block Gram matrices of `ckaflow.cka.grams` from the activations while they are in
 memory (one matrix product per layer and block, on the GPU when there is one), writing the Gram
-store of `ckaflow.cka.gram` directly: the activations never touch the disk.
+store directly: the activations never touch the disk.
 
 minibatch: each block of `batch_size` examples is one forward pass. Pass 0 takes the examples
 in stored order; with `passes` > 1, pass p forwards the blocks of the seeded permutation
-`engine.partition(n, batch_size, passes, seed)`, so a network sees every example once per pass,
+`partitions.partition(n, batch_size, passes, seed)`, so a network sees every example once per
+pass,
 as in Nguyen, Raghu & Kornblith (2021).
 
 Full-data estimators (linear, debiased, rbf) need every pair of examples, so their Gram is
@@ -15,7 +21,7 @@ assembled from a layer's rows held in memory: layers are taken in groups whose f
 `memory_bytes`, one forward pass over all examples per group.
 
 Both give the bits of the store-then-Gram path (`ckaflow gram --source`) on float32 values,
-because both call the same block code (`engine.block_gram`, `engine.gram_stats`).
+because both call the same block code (`grams.block_gram`, `grams.gram_stats`).
 
 Resuming: the store is built under `.<name>.partial` with the call's hash; statistics are
 flushed to it every `flush_s` seconds (and when `flush_bytes` are waiting) with `units_done`
@@ -31,26 +37,22 @@ import numpy as np
 import zarr
 
 from ckaflow import bytecount
-from ckaflow.cka.engine import (
-    _Workspace,
-    block_sizes,
-    gram_stats,
-    partition,
-    partition_digest,
-    self_gram,
-)
-from ckaflow.cka.gram import (
+from ckaflow.cka.grams import _Workspace, gram_stats, self_gram
+from ckaflow.cka.partitions import block_sizes, partition, partition_digest
+from ckaflow.config import stable_hash
+from ckaflow.errors import StoreError
+from ckaflow.gram_stores import (
     GRAM_FORMAT,
     GRAM_KIND,
+    _stats,
     check_passes_config,
     create_gram_array,
     pack_upper,
+    write_gram_store,
 )
-from ckaflow.config import stable_hash
-from ckaflow.errors import StoreError
 from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
-from ckaflow.store import ChunkPaths, open_partial
+from ckaflow.store import ChunkPaths, open_partial, open_store
 
 # Full-data estimators: float32 rows of a group of layers held at once (see module docstring).
 MEMORY_BYTES = 2 * 2**30
@@ -102,7 +104,7 @@ class _Flusher:
             self.flush(units_done)
 
     def flush(self, units_done: int) -> None:
-        """Each block's packed Gram (`ckaflow.cka.gram`: its upper triangle) goes straight into
+        """Each block's packed Gram (`ckaflow.gram_stores`: its upper triangle) goes straight into
         its chunk file as the raw little-endian bytes Zarr stores for an uncompressed array
         (zstd halved the size at ~80 MB/s, a third of the stage's time; Zarr's own write path
         per chunk costs more than the write)."""
@@ -234,7 +236,7 @@ def fused_gram_store(
         "resuming the Gram stage in {partial} after {done} units",
     )
     # float32 products (exact in float32) unless the network computes in float64 or the
-    # kernel is the RBF's (ckaflow.cka.gram.storage_dtype)
+    # kernel is the RBF's (ckaflow.gram_stores.storage_dtype)
     wide = estimator == "rbf" or any(probe[name].dtype == torch.float64 for name in names)
     dtype = "float64" if wide else "float32"
     arrays = dict(group.arrays())  # those of a resumed store, then the missing ones
@@ -295,7 +297,7 @@ def fused_gram_store(
                 flusher.flush(g + 1)
                 log(f"layer group {g + 1}/{len(groups)} done")
 
-    seeded = passes > 1  # one pass needs no seed (engine.GramStats)
+    seeded = passes > 1  # one pass needs no seed (grams.GramStats)
     group.update_attributes(  # one write of the store's metadata
         provenance(
             kind=GRAM_KIND,
@@ -313,3 +315,36 @@ def fused_gram_store(
     replace_into_place(partial, out)
     log(f"{out}: {len(names)} layers, {len(blocks)} blocks in {time.monotonic() - t0:.1f} s")
     return out
+
+
+def gram_store(
+    activations: str | Path,
+    out: str | Path,
+    estimator: str,
+    batch_size: int,
+    device: str = "auto",
+    passes: int = 1,
+    seed: int = 0,
+) -> Path:
+    """Gram statistics of every layer of one activation store, read chunk by chunk; with
+    passes > 1, over `passes` partitions of the examples (pass p >= 1 permuted by `seed`)."""
+    check_passes_config(estimator, passes, seed)
+    store = open_store(activations)
+    stats = (
+        (
+            layer["name"],
+            _stats(
+                store[layer["name"]],
+                estimator,
+                batch_size,
+                device,
+                f"{store.path} layer {layer['name']}",
+                passes,
+                seed,
+            ),
+        )
+        for layer in store.layers
+    )
+    keep = ("run", "run_spec", "view", "layers", "example_ids", "model_spec_hash")
+    attrs = {k: store.attrs[k] for k in keep}
+    return write_gram_store(Path(out), stats, {**attrs, "source": str(store.path)})

@@ -1,4 +1,5 @@
-"""Checkpoints: the full training state, written atomically."""
+"""PyTorch files read safely (weights only: never code) and checkpoints written atomically;
+the ground floor under models, imports, training and inspect."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ takes part in: 15.3 times the stores' bytes for the paper's study. Any split of 
 into jobs re-reads the stores the jobs share (a run's clean store serves both its own and the
 cross comparisons), so one job computes them all:
 
-minibatch: streamed over the blocks (`ckaflow.cka.gram.stream_block_hsics`): block i of every
+minibatch: streamed over the blocks (`ckaflow.gram_stores.stream_block_hsics`): block i of every
 layer of every store (one Zarr chunk each) is read and U-centred once, and each comparison's
 (La, Lb) cross and self HSIC terms of the block kept; the value (sum over blocks, normalised),
 the block bootstrap and the jackknife need nothing else. Memory: one block of every layer, plus
@@ -135,7 +135,7 @@ class _Opened:
 
 
 def _open(pairs: list[Pair], estimator: str) -> list[_Opened]:
-    from ckaflow.cka.gram import open_gram
+    from ckaflow.gram_stores import open_gram
 
     stores: dict[str, object] = {}  # each store opened (and its chunks checked) once
     opened = []
@@ -167,7 +167,7 @@ class _Result:
 
 def _streamed(opened: list[_Opened], bootstrap: int, seed: int):
     """Each comparison's result in turn, from one streamed pass over every store's blocks."""
-    from ckaflow.cka.gram import stream_block_hsics
+    from ckaflow.gram_stores import stream_block_hsics
 
     terms = stream_block_hsics([(o.a, o.names[0], o.b, o.names[1]) for o in opened])
     for t in terms:
@@ -180,8 +180,8 @@ def _streamed(opened: list[_Opened], bootstrap: int, seed: int):
 
 def _loaded(o: _Opened, bootstrap: int, seed: int, tile_layers: int) -> _Result:
     """A full-data comparison, `tile_layers` layers per side in memory at a time."""
-    from ckaflow.cka.engine import cka_between, cka_interval, cka_jackknife
-    from ckaflow.cka.gram import load_stats
+    from ckaflow.cka.pairs import cka_between, cka_interval, cka_jackknife
+    from ckaflow.gram_stores import load_stats
 
     names_a, names_b = o.names
     shape = (len(names_a), len(names_b))

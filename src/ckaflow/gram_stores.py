@@ -1,20 +1,20 @@
-"""The Gram stage: each layer's Gram statistics, computed once and stored.
+"""Gram stores: each layer's Gram statistics as a Zarr store, the one thing CKA reads.
 
-Every CKA pair is later computed from these, never from the activations again. A store at
-`results/gram/<run>/<view>.zarr` holds, per layer, the (blocks, b, b) float64 Grams of
-`ckaflow.cka.engine.GramStats`, with `block_rows` and the estimator in its attributes, and
-`passes`, `partition_seed` and `partition_digest`: with passes > 1 the blocks are pass-major
-(block i belongs to pass i // (len(block_rows) / passes)) and
-`ckaflow.cka.engine.partition(len(example_ids), block_rows[0], passes, partition_seed)` gives the
-rows of each block (its hash is `partition_digest`; the CKA stage refuses two sides whose digests
-differ).
+Written by the Gram stages (`ckaflow.stages.gram`, `ckaflow.stages.gram_labels`), read by the
+CKA stage (`ckaflow.stages.cka`). A store at `results/gram/<run>/<view>.zarr` holds, per layer,
+the (blocks, b, b) float64 Grams of `ckaflow.cka.grams.GramStats`, with `block_rows` and the
+estimator in its attributes, and `passes`, `partition_seed` and `partition_digest`: with
+passes > 1 the blocks are pass-major (block i belongs to pass i // (len(block_rows) / passes))
+and `ckaflow.cka.partitions.partition(len(example_ids), block_rows[0], passes,
+partition_seed)` gives the rows of each block (its hash is `partition_digest`; the CKA stage
+refuses two sides whose digests differ).
 
 Layout (`gram_format: upper-triangle`): each block's Gram is symmetric, so chunk i of a layer's
 (blocks, b(b+1)/2) array holds the upper triangle of block i, row by row (`numpy.triu_indices`),
 zero-padded for a shorter last block; float32 where every value is a float32 product (the
 minibatch, linear and debiased estimators on float32 activations: exact), float64 otherwise
-(rbf, float64 input). A quarter of the full float64 matrix, and the same numbers. A store from
-before this layout (no `gram_format`; (blocks, b, b) float64 arrays) is read as it is.
+(rbf, float64 input). A quarter of the full float64 matrix, and the same numbers. A store
+without `gram_format` ((blocks, b, b) float64 arrays) is read as it is.
 """
 
 from __future__ import annotations
@@ -27,17 +27,10 @@ import numpy as np
 import zarr
 
 from ckaflow import bytecount
-from ckaflow.cka.engine import (
-    BlockHSICs,
-    GramStats,
-    block_terms,
-    block_vector,
-    check_passes,
-    gram_stats,
-)
-from ckaflow.cka.estimators import one_hot
+from ckaflow.cka.grams import GramStats, block_vector, gram_stats
+from ckaflow.cka.pairs import BlockHSICs, block_terms
+from ckaflow.cka.partitions import check_passes
 from ckaflow.errors import ConfigError, StoreError
-from ckaflow.layers import label_layer
 from ckaflow.provenance import atomic_path, provenance
 from ckaflow.store import ChunkPaths, open_store
 
@@ -82,7 +75,7 @@ def storage_dtype(grams: np.ndarray, estimator: str) -> str:
 
 def create_gram_array(group: zarr.Group, name: str, blocks: int, size: int, dtype: str):
     """A layer's array: one chunk per block, raw (zstd only halved them; the fused stage writes
-    the chunk files itself, `ckaflow.cka.fused`), every chunk on disk (see check_chunks)."""
+    the chunk files itself, `ckaflow.stages.gram`), every chunk on disk (see check_chunks)."""
     return group.create_array(
         name,
         shape=(blocks, packed_length(size)),
@@ -198,69 +191,6 @@ def write_gram_store(
     return out
 
 
-def gram_store(
-    activations: str | Path,
-    out: str | Path,
-    estimator: str,
-    batch_size: int,
-    device: str = "auto",
-    passes: int = 1,
-    seed: int = 0,
-) -> Path:
-    """Gram statistics of every layer of one activation store, read chunk by chunk; with
-    passes > 1, over `passes` partitions of the examples (pass p >= 1 permuted by `seed`)."""
-    check_passes_config(estimator, passes, seed)
-    store = open_store(activations)
-    stats = (
-        (
-            layer["name"],
-            _stats(
-                store[layer["name"]],
-                estimator,
-                batch_size,
-                device,
-                f"{store.path} layer {layer['name']}",
-                passes,
-                seed,
-            ),
-        )
-        for layer in store.layers
-    )
-    keep = ("run", "run_spec", "view", "layers", "example_ids", "model_spec_hash")
-    attrs = {k: store.attrs[k] for k in keep}
-    return write_gram_store(Path(out), stats, {**attrs, "source": str(store.path)})
-
-
-def label_gram_store(
-    data_path: str | Path,
-    out: str | Path,
-    estimator: str,
-    batch_size: int,
-    examples: int | None = None,
-    passes: int = 1,
-    seed: int = 0,
-) -> Path:
-    """Gram statistics of the one-hot eval labels (class structure as a representation),
-    of the first `examples` eval examples (default all), like the activation stores — with the
-    same passes and seed, hence the same partitions."""
-    from ckaflow.data import open_prepared
-
-    check_passes_config(estimator, passes, seed)
-    data = open_prepared(data_path)
-    labels = one_hot(data.eval_labels()[:examples], data.attrs["num_classes"])
-    where = f"{data_path} labels"
-    stats = {"labels": _stats(labels, estimator, batch_size, "cpu", where, passes, seed)}
-    attrs = {
-        "run": "labels",
-        "run_spec": None,
-        "view": "labels",
-        "layers": [label_layer().as_dict()],
-        "example_ids": data.group["eval/ids"][: len(labels)].tolist(),
-        "source": str(data_path),
-    }
-    return write_gram_store(Path(out), stats, attrs)
-
-
 def open_gram(path: str | Path):
     return open_store(path, kind=GRAM_KIND)
 
@@ -338,8 +268,8 @@ def stream_block_hsics(pairs: list[tuple]) -> list[BlockHSICs]:
     results — never a layer's (blocks, b, b) statistics.
 
     For the minibatch (unbiased, blocked) statistics; the caller checks that all the stores hold
-    the same rows in the same blocks (`ckaflow.cka.comparisons`). The numbers are those of
-    `ckaflow.cka.engine.block_hsics` on `load_stats` of the same layers.
+    the same rows in the same blocks (`ckaflow.stages.cka`). The numbers are those of
+    `ckaflow.cka.pairs.block_hsics` on `load_stats` of the same layers.
     """
     block_rows, passes = _layout(pairs[0][0])
     estimator = pairs[0][0].attrs["estimator"]
