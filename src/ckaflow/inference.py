@@ -22,7 +22,7 @@ from scipy import stats
 from ckaflow.config import method_name
 
 LEVEL = 0.95
-DEFAULT_MARGIN = 0.05  # the schema's claims.margin (README: "How the verdicts are made")
+DEFAULT_MARGIN = 0.05  # the schema's claims.margin (README: "Verdicts")
 MIN_RUNS = 2  # per method, for the delete-one-run jackknife
 
 

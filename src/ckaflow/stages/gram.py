@@ -31,7 +31,9 @@ flushed to it every `flush_s` seconds (and when `flush_bytes` are waiting) with 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
@@ -142,6 +144,174 @@ def _layer_groups(features: dict[str, int], n: int, memory_bytes: int) -> list[l
     return groups
 
 
+@dataclass
+class _FusedPass:
+    """A run's forward pass over one view with the partition of its examples into blocks:
+    what the minibatch and full-data loops share."""
+
+    view: Any  # ckaflow.forward.ViewPass
+    pixels: Any  # the view's uint8 pixels, on the device once (3 KB per CIFAR image)
+    blocks: list[np.ndarray]  # row indices of every block of every pass
+    where: str  # names the run and view in errors
+
+    @property
+    def size(self) -> int:
+        return max(len(rows) for rows in self.blocks)
+
+    def forward(self, rows) -> None:
+        import torch
+
+        if not isinstance(rows, slice):
+            rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(self.view.device)
+        self.view(self.pixels[rows])
+
+    def layer_shapes(self) -> tuple[dict[str, int], bool]:
+        """Each layer's feature count, and whether any computes in float64, from one example."""
+        import torch
+
+        from ckaflow.models import record_layers
+
+        with torch.no_grad(), record_layers(self.view.net, self.view.names) as probe:
+            self.forward(slice(0, 1))
+        features = {name: int(probe[name].shape[1]) for name in self.view.names}
+        return features, any(t.dtype == torch.float64 for t in probe.values())
+
+
+def _blocks(estimator: str, n: int, batch_size: int, passes: int, seed: int) -> list[np.ndarray]:
+    if estimator == "minibatch":
+        return partition(n, batch_size, passes, seed)
+    return [np.arange(s.start, s.stop) for s in block_sizes(estimator, n, batch_size)]
+
+
+def _open_partial_store(fused: _FusedPass, out: Path, chosen: dict, wide: bool, log):
+    """The partial store of this call (resumed after its `units_done`, or fresh), with an array
+    per layer: float32 products (exact in float32) unless the network computes in float64 or
+    the kernel is the RBF's (`ckaflow.gram_stores.storage_dtype`)."""
+    view = fused.view
+    block_rows = tuple(len(rows) for rows in fused.blocks)
+    call_hash = stable_hash(
+        [
+            view.meta["spec_hash"],
+            view.data.attrs["spec_hash"],
+            chosen["view"],
+            view.n,
+            view.names,
+            chosen["estimator"],
+            block_rows,
+            chosen["passes"],
+            chosen["seed"],
+            view.precision,
+            view.channels_last,
+            GRAM_FORMAT,  # the chunk layout: an older partial store is rebuilt, not continued
+        ]
+    )
+    partial = out.with_name(f".{out.name}.partial")
+    group, done = open_partial(
+        partial,
+        call_hash,
+        GRAM_KIND,
+        "units_done",
+        log,
+        "resuming the Gram stage in {partial} after {done} units",
+    )
+    arrays = dict(group.arrays())  # those of a resumed store, then the missing ones
+    for name in view.names:
+        if name not in arrays:
+            dtype = "float64" if wide else "float32"
+            arrays[name] = create_gram_array(group, name, len(fused.blocks), fused.size, dtype)
+    return group, done, {name: arrays[name] for name in view.names}
+
+
+def _minibatch_grams(fused: _FusedPass, flusher: _Flusher, done: int, log) -> None:
+    """Block after block (from `done`): one forward pass, each layer's Gram formed by its hook
+    as the layer is computed, the block's Grams to the flusher."""
+    import torch
+
+    from ckaflow.models import record_layers
+
+    names, dev, blocks = fused.view.names, fused.view.device, fused.blocks
+    work = _Workspace(dev)
+    grams: dict = {}
+
+    def sink(name: str, tensor) -> None:
+        # float32 product whatever the forward's autocast; the Gram stays on the device until
+        # the block is done (one transfer per block)
+        with torch.autocast(dev.type, enabled=False):
+            grams[name] = self_gram(work.centred(tensor, None))
+
+    t0 = last_log = time.monotonic()
+    with torch.no_grad(), record_layers(fused.view.net, names, sink=sink):
+        for i in range(done, len(blocks)):
+            fused.forward(blocks[i])
+            stacked = torch.stack([grams.pop(name) for name in names])
+            for name, k in zip(names, stacked.double().cpu().numpy(), strict=True):
+                if not np.isfinite(k).all():
+                    raise _non_finite(name, fused.where, blocks[i])
+                flusher.add(name, i, k, fused.size)
+            flusher.maybe_flush(i + 1)
+            if time.monotonic() - last_log >= 30:
+                rate = (i + 1 - done) * fused.size / (time.monotonic() - t0)
+                log(f"block {i + 1}/{len(blocks)}, {rate:.0f} images/s")
+                last_log = time.monotonic()
+    flusher.flush(len(blocks))
+
+
+def _full_data_grams(
+    fused: _FusedPass, flusher: _Flusher, groups: list, features: dict, done: int, settings, log
+) -> None:
+    """Group after group of layers (from `done`): their rows held in memory over one forward
+    pass of every example, then each layer's one Gram (`gram_stats`)."""
+    import torch
+
+    from ckaflow.models import record_layers
+
+    estimator, batch_size = settings["estimator"], settings["batch_size"]
+    n = fused.view.n
+    with torch.no_grad():
+        for g in range(done, len(groups)):
+            held = {name: torch.empty((n, features[name])) for name in groups[g]}
+            state = {"offset": 0}
+
+            def keep(name: str, tensor, held=held, state=state) -> None:
+                held[name][state["offset"] : state["offset"] + len(tensor)].copy_(tensor)
+
+            with record_layers(fused.view.net, groups[g], sink=keep):
+                for start in range(0, n, batch_size):
+                    state["offset"] = start
+                    fused.forward(slice(start, min(start + batch_size, n)))
+            for name in groups[g]:
+                s = gram_stats(
+                    held.pop(name).numpy(),
+                    estimator=estimator,
+                    batch_size=batch_size,
+                    device=str(fused.view.device),
+                    name=f"{fused.where} layer {name}",
+                )
+                flusher.add(name, 0, s.grams[0], fused.size)
+            flusher.flush(g + 1)
+            log(f"layer group {g + 1}/{len(groups)} done")
+
+
+def _finish(group: zarr.Group, fused: _FusedPass, settings: dict, model_path, out: Path):
+    """The store's metadata in one write, then its completion flag, then its final name."""
+    seeded = settings["passes"] > 1  # one pass needs no seed (grams.GramStats)
+    group.update_attributes(
+        provenance(
+            kind=GRAM_KIND,
+            gram_format=GRAM_FORMAT,
+            estimator=settings["estimator"],
+            block_rows=[len(rows) for rows in fused.blocks],
+            passes=settings["passes"],
+            partition_seed=int(settings["seed"]) if seeded else None,
+            partition_digest=partition_digest(fused.blocks) if seeded else None,
+            source=str(model_path),
+            **fused.view.attrs(settings["view"]),
+        )
+    )
+    group.attrs["complete"] = True  # last: only now is the store whole
+    replace_into_place(out.with_name(f".{out.name}.partial"), out)
+
+
 def fused_gram_store(
     model_path: str | Path,
     data_path: str | Path,
@@ -172,7 +342,6 @@ def fused_gram_store(
     import torch
 
     from ckaflow.forward import ViewPass
-    from ckaflow.models import record_layers
 
     check_passes_config(estimator, passes, seed)
     run = ViewPass.open(
@@ -185,135 +354,23 @@ def fused_gram_store(
         precision=precision,
         channels_last=channels_last,
     )
-    dev, n, net, meta, data = run.device, run.n, run.net, run.meta, run.data
-    names = run.names
-    # the view's uint8 pixels (3 KB per CIFAR image) moved to the device once
-    pixels = torch.from_numpy(run.pixels(slice(0, n))).to(dev)
-    where = f"{model_path} on {view}"
-
-    def forward(rows) -> None:
-        if not isinstance(rows, slice):
-            rows = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(dev)
-        run(pixels[rows])
-
-    if estimator == "minibatch":
-        blocks = partition(n, batch_size, passes, seed)
-    else:
-        blocks = [np.arange(s.start, s.stop) for s in block_sizes(estimator, n, batch_size)]
-    block_rows = tuple(len(rows) for rows in blocks)
-    size = max(block_rows)
-
-    # feature counts from one example
-    with torch.no_grad(), record_layers(net, names) as probe:
-        forward(slice(0, 1))
-    features = {name: int(probe[name].shape[1]) for name in names}
-    groups = [names] if estimator == "minibatch" else _layer_groups(features, n, memory_bytes)
-
-    call_hash = stable_hash(
-        [
-            meta["spec_hash"],
-            data.attrs["spec_hash"],
-            view,
-            n,
-            names,
-            estimator,
-            block_rows,
-            passes,
-            seed,
-            run.precision,
-            run.channels_last,
-            GRAM_FORMAT,  # the chunk layout: an older partial store is rebuilt, not continued
-        ]
-    )
+    pixels = torch.from_numpy(run.pixels(slice(0, run.n))).to(run.device)
+    blocks = _blocks(estimator, run.n, batch_size, passes, seed)
+    fused = _FusedPass(run, pixels, blocks, f"{model_path} on {view}")
+    features, wide = fused.layer_shapes()
+    chosen = {"view": view, "estimator": estimator, "batch_size": batch_size}
+    chosen |= {"passes": passes, "seed": seed}
     out = Path(out)
-    partial = out.with_name(f".{out.name}.partial")
-    group, done = open_partial(
-        partial,
-        call_hash,
-        GRAM_KIND,
-        "units_done",
-        log,
-        "resuming the Gram stage in {partial} after {done} units",
-    )
-    # float32 products (exact in float32) unless the network computes in float64 or the
-    # kernel is the RBF's (ckaflow.gram_stores.storage_dtype)
-    wide = estimator == "rbf" or any(probe[name].dtype == torch.float64 for name in names)
-    dtype = "float64" if wide else "float32"
-    arrays = dict(group.arrays())  # those of a resumed store, then the missing ones
-    for name in names:
-        if name not in arrays:
-            arrays[name] = create_gram_array(group, name, len(blocks), size, dtype)
-    arrays = {name: arrays[name] for name in names}
+    group, done, arrays = _open_partial_store(fused, out, chosen, wide or estimator == "rbf", log)
     flusher = _Flusher(group, arrays, flush_s, flush_bytes)
-    work = _Workspace(dev)
-    t0, last_log = time.monotonic(), time.monotonic()
-
-    with torch.no_grad():
-        if estimator == "minibatch":
-            grams: dict = {}
-
-            def sink(name: str, tensor) -> None:
-                # float32 product whatever the forward's autocast; the Gram stays on the
-                # device until the block is done (one transfer per block)
-                with torch.autocast(dev.type, enabled=False):
-                    t = work.centred(tensor, None)
-                    grams[name] = self_gram(t)
-
-            with record_layers(net, names, sink=sink):
-                for i in range(done, len(blocks)):
-                    forward(blocks[i])
-                    stacked = torch.stack([grams.pop(name) for name in names])
-                    for name, k in zip(names, stacked.double().cpu().numpy(), strict=True):
-                        if not np.isfinite(k).all():
-                            raise _non_finite(name, where, blocks[i])
-                        flusher.add(name, i, k, size)
-                    flusher.maybe_flush(i + 1)
-                    if time.monotonic() - last_log >= 30:
-                        rate = (i + 1 - done) * size / (time.monotonic() - t0)
-                        log(f"block {i + 1}/{len(blocks)}, {rate:.0f} images/s")
-                        last_log = time.monotonic()
-            flusher.flush(len(blocks))
-        else:
-            for g in range(done, len(groups)):
-                held = {name: torch.empty((n, features[name])) for name in groups[g]}
-                state = {"offset": 0}
-
-                def keep(name: str, tensor, held=held, state=state) -> None:
-                    held[name][state["offset"] : state["offset"] + len(tensor)].copy_(tensor)
-
-                with record_layers(net, groups[g], sink=keep):
-                    for start in range(0, n, batch_size):
-                        state["offset"] = start
-                        forward(slice(start, min(start + batch_size, n)))
-                for name in groups[g]:
-                    s = gram_stats(
-                        held.pop(name).numpy(),
-                        estimator=estimator,
-                        batch_size=batch_size,
-                        device=str(dev),
-                        name=f"{where} layer {name}",
-                    )
-                    flusher.add(name, 0, s.grams[0], size)
-                flusher.flush(g + 1)
-                log(f"layer group {g + 1}/{len(groups)} done")
-
-    seeded = passes > 1  # one pass needs no seed (grams.GramStats)
-    group.update_attributes(  # one write of the store's metadata
-        provenance(
-            kind=GRAM_KIND,
-            gram_format=GRAM_FORMAT,
-            estimator=estimator,
-            block_rows=list(block_rows),
-            passes=passes,
-            partition_seed=int(seed) if seeded else None,
-            partition_digest=partition_digest(blocks) if seeded else None,
-            source=str(model_path),
-            **run.attrs(view),
-        )
-    )
-    group.attrs["complete"] = True  # last: only now is the store whole
-    replace_into_place(partial, out)
-    log(f"{out}: {len(names)} layers, {len(blocks)} blocks in {time.monotonic() - t0:.1f} s")
+    t0 = time.monotonic()
+    if estimator == "minibatch":
+        _minibatch_grams(fused, flusher, done, log)
+    else:
+        groups = _layer_groups(features, run.n, memory_bytes)
+        _full_data_grams(fused, flusher, groups, features, done, chosen, log)
+    _finish(group, fused, chosen, model_path, out)
+    log(f"{out}: {len(run.names)} layers, {len(blocks)} blocks in {time.monotonic() - t0:.1f} s")
     return out
 
 
