@@ -41,27 +41,10 @@ os.environ.update(
 STUDY.check_data_source()
 
 
-# Captions of the report (`snakemake --report`): one per family of figures.
-FIGURE_FAMILIES = {
-    "within-": ("within.rst", "Within-model CKA"),
-    "cross-odd-": ("cross-odd-even.rst", "Cross-model CKA"),
-    "cross-even-": ("cross-odd-even.rst", "Cross-model CKA"),
-    "cross-diagonal": ("cross-diagonal.rst", "Cross-model CKA"),
-    "cross-": ("cross.rst", "Cross-model CKA"),
-    "invariance": ("invariance.rst", "Invariance and class structure"),
-    "class": ("class.rst", "Invariance and class structure"),
-    "probes": ("probes.rst", "Linear probes"),
-}
-
-
-def _family(path):
-    name = os.path.basename(path)
-    return next(v for prefix, v in FIGURE_FAMILIES.items() if name.startswith(prefix))
-
-
+# The report (`snakemake --report`): each figure's caption and category, by its family.
 def figure_caption(path):
-    return f"../workflow/report/{_family(path)[0]}"
+    return f"../workflow/report/{STUDY.figure_families[path]}.rst"
 
 
 def figure_category(path):
-    return _family(path)[1]
+    return REPORT_CATEGORIES[STUDY.figure_families[path]]

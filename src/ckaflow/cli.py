@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from ckaflow.config import schema_enum
+from ckaflow.config import VIEWS, schema_enum
 
 # the CKA estimators, without importing the numeric code (kept in step by tests/test_cli.py)
 
@@ -317,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("extract", cmd_extract, "store the selected activations of one view, to look at")
     p.add_argument("--model", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--view", required=True, choices=["clean", "aug1", "aug2"])
+    p.add_argument("--view", required=True, choices=VIEWS)
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk-rows", type=int, default=256)
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="model.pt of a trained run (fused stage)")
     p.add_argument("--data", default=None, help="data store (fused stage)")
-    p.add_argument("--view", default=None, choices=["clean", "aug1", "aug2"])
+    p.add_argument("--view", default=None, choices=VIEWS)
     p.add_argument(
         "--spec",
         default=None,

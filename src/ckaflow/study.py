@@ -415,14 +415,23 @@ class Study:
 
     def figures(self) -> list[str]:
         """Every figure the study makes, PNG and PDF (plots.plot_all writes the same set)."""
-        names = []
+        return list(self.figure_families)
+
+    @cached_property
+    def figure_families(self) -> dict[str, str]:
+        """Each figure's path -> its family, whose caption in the report is
+        workflow/report/<family>.rst (and category `REPORT_CATEGORIES[family]`)."""
+        named = []  # (name, family)
         for c in self.comparisons.values():
             if c.kind == "within":
-                names.append(figure_name("within", c.a.run, c.a.view))
+                named.append((figure_name("within", c.a.run, c.a.view), "within"))
             if c.kind == "cross":  # odd and even parts where both sides have such layers
                 shared = {la.kind for la in self.layers(c.a)} & {la.kind for la in self.layers(c.b)}
-                names += [
-                    figure_name("cross", c.a.run, c.b.run, part)
+                named += [
+                    (
+                        figure_name("cross", c.a.run, c.b.run, part),
+                        "cross-odd-even" if part else "cross",
+                    )
                     for part, kind in CROSS_PARTS
                     if kind is None or kind in shared
                 ]
@@ -431,9 +440,15 @@ class Study:
             c.kind == "cross" and not self._any_module(c) for c in self.comparisons.values()
         ):
             kinds.discard("cross")  # the diagonal pairs ResNet layers with their namesakes
-        names += [figure_name(summary) for kind, summary in SUMMARY_FIGURES if kind in kinds]
-        names.append(figure_name("probes"))
-        return [f"{Study.FIGURES}/{name}.{ext}" for name in names for ext in FIGURE_FORMATS]
+        named += [
+            (figure_name(summary), summary) for kind, summary in SUMMARY_FIGURES if kind in kinds
+        ]
+        named.append((figure_name("probes"), "probes"))
+        return {
+            f"{Study.FIGURES}/{name}.{ext}": family
+            for name, family in named
+            for ext in FIGURE_FORMATS
+        }
 
 
 # Figure names: the one place they are spelled (Study lists them, plots writes them).
@@ -441,6 +456,16 @@ FIGURE_FORMATS = ("png", "pdf")
 # all layers; residual-branch (odd) and post-residual (even) layers: (part, layer kind)
 CROSS_PARTS = (("", None), ("odd", "residual"), ("even", "out"))
 SUMMARY_FIGURES = (("cross", "cross-diagonal"), ("invariance", "invariance"), ("class", "class"))
+# the report's category of each figure family (`Study.figure_families`)
+REPORT_CATEGORIES = {
+    "within": "Within-model CKA",
+    "cross": "Cross-model CKA",
+    "cross-odd-even": "Cross-model CKA",
+    "cross-diagonal": "Cross-model CKA",
+    "invariance": "Invariance and class structure",
+    "class": "Invariance and class structure",
+    "probes": "Linear probes",
+}
 
 
 def figure_name(kind: str, *parts: str) -> str:
