@@ -1,10 +1,11 @@
-"""Centered Kernel Alignment.
+"""Centered Kernel Alignment: the math, on NumPy arrays and torch tensors, free of the workflow.
 
-Plain estimators (`linear_cka`, `minibatch_cka`) are small functions in the papers' notation;
-`cka_matrix` and the pipeline compute each representation's Gram statistics once
-(`gram_stats`, optionally over several partitions of the examples: `passes`, `partition`) and
-every pair from them. The formulas, one small function each, are in `ckaflow.cka.estimators`
-(the README's CKA section says which paper each comes from).
+Plain estimators (`linear_cka`, `minibatch_cka`) are small functions in the papers' notation
+(`estimators`; docs/design.md's Numerics section says which paper each comes from). `cka_matrix`
+and the workflow compute each representation's Gram statistics once (`grams.gram_stats`,
+optionally over several partitions of the examples: `partitions`) and every pair from them
+(`pairs`: values, bootstrap intervals, jackknife). Used by the Gram and CKA stages
+(`ckaflow.stages`), `ckaflow.compare` and any user code.
 """
 
 from ckaflow.cka.estimators import (
