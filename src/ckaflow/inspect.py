@@ -1,4 +1,5 @@
-"""`ckaflow inspect PATH`: a look inside any artifact, or a summary of a results folder."""
+"""`ckaflow inspect PATH`: a look inside any artifact (stores, checkpoints of any origin, tables),
+or what a results folder holds and lacks; called by the command line only."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""What every artifact records about its origin, and writes that never leave a half-file."""
+"""What every artifact records about its origin (seeds, config hash, code version, host), and
+writes that never leave a half-file; used by every stage that writes an artifact."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tidy tables: the CKA job's pairs as `cka.parquet`; per-run training, probes and runs tables."""
+"""Tidy tables: the CKA job's pairs as `cka.parquet` (rule merge_tables); per-run training,
+probes and runs tables (rule run_tables); the columns `ckaflow.compare` returns too."""
 
 from __future__ import annotations
 

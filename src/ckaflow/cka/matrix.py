@@ -1,4 +1,5 @@
-"""`cka_matrix`: every pair of two lists of representations, each Gram computed once."""
+"""`cka_matrix`: every pair of two lists of representations, each Gram computed once: the
+library entry point on arrays (the workflow and `ckaflow.compare` use `grams` and `pairs`)."""
 
 from __future__ import annotations
 

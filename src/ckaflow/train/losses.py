@@ -1,4 +1,4 @@
-"""Loss functions."""
+"""The training losses: SimCLR's NT-Xent (used by `train.simclr`)."""
 
 from __future__ import annotations
 
