@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
@@ -35,6 +36,9 @@ from ckaflow.config import stable_hash
 from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
 from ckaflow.store import ChunkEncoder, ChunkPaths, StoreOptions, open_partial
+
+if TYPE_CHECKING:
+    from ckaflow.forward import ViewPass
 
 
 def _torch_dtype(dtype: str):
@@ -148,10 +152,7 @@ def extract(
     threads encoding and writing chunks (default: up to 4); `precision`, `channels_last`: the
     forward pass's autocast and memory format (`ckaflow.models.forward_settings`).
     """
-    import torch
-
     from ckaflow.forward import ViewPass
-    from ckaflow.models import record_layers
 
     options = StoreOptions(dtype, codec, level, chunk_rows)
     run = ViewPass.open(
@@ -164,19 +165,28 @@ def extract(
         precision=precision,
         channels_last=channels_last,
     )
-    dev, n, meta, data = run.device, run.n, run.meta, run.data
-    wanted, forward = run.names, run
     # a chunk never outgrows its array: Zarr reads an array of n < chunk_rows rows as one chunk
     # of n rows, so the chunks written must be that size too
-    chunk_rows = min(chunk_rows, n)
-    options = replace(options, chunk_rows=chunk_rows)
+    options = replace(options, chunk_rows=min(chunk_rows, run.n))
+    out = Path(out)
+    group, start, partial = _open_store(run, view, options, out, log)
+    features = _create_arrays(run, group, options)
+    _write_chunks(run, group, start, features, options, batch_size, buffers, workers)
+    _finish(run, group, view, options, partial, out)
+    return out
+
+
+def _open_store(
+    run: ViewPass, view: str, options: StoreOptions, out: Path, log
+) -> tuple[zarr.Group, int, Path]:
+    """This call's partial store (resumed or fresh), the row to resume after, and its path."""
+    meta, data = run.meta, run.data
     call_hash = stable_hash(
         [
-            *(meta["spec_hash"], data.attrs["spec_hash"], view, n, asdict(options), wanted),
+            *(meta["spec_hash"], data.attrs["spec_hash"], view, run.n, asdict(options), run.names),
             *(run.precision, run.channels_last),
         ]
     )
-    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(f".{out.name}.partial")
     group, start = open_partial(
@@ -187,11 +197,19 @@ def extract(
         log,
         "resuming extraction into {partial} after row {done}",
     )
+    return group, start, partial
 
-    # feature counts from one example, then the arrays (unless resuming) and chunk buffers
-    with torch.no_grad(), record_layers(run.net, wanted) as probe:
-        forward(torch.from_numpy(run.pixels(slice(0, 1))).to(dev))
-    features = {name: probe[name].shape[1] for name in wanted}
+
+def _create_arrays(run: ViewPass, group: zarr.Group, options: StoreOptions) -> dict[str, int]:
+    """Each layer's feature count, from one example; its array created unless resuming."""
+    import torch
+
+    from ckaflow.models import record_layers
+
+    n, chunk_rows = run.n, options.chunk_rows
+    with torch.no_grad(), record_layers(run.net, run.names) as probe:
+        run(torch.from_numpy(run.pixels(slice(0, 1))).to(run.device))
+    features = {name: probe[name].shape[1] for name in run.names}
     for name, width in features.items():
         if name not in group:
             group.create_array(
@@ -201,12 +219,34 @@ def extract(
                 dtype=options.disk_dtype,
                 compressors=options.compressors(),
             )
+    return features
+
+
+def _write_chunks(
+    run: ViewPass,
+    group: zarr.Group,
+    start: int,
+    features: dict[str, int],
+    options: StoreOptions,
+    batch_size: int,
+    buffers: int,
+    workers: int | None,
+) -> None:
+    """The forward pass from `start`'s chunk row on, into buffers the background writer empties."""
+    import torch
+
+    from ckaflow.models import record_layers
+
+    dev, n, chunk_rows = run.device, run.n, options.chunk_rows
     pinned = dev.type == "cuda"
+    # a bounded pool of chunk buffers, cycled between this loop and the writer
     free: queue.Queue = queue.Queue()
     for _ in range(max(1, buffers)):
         free.put(
             {
-                name: torch.empty((chunk_rows, width), dtype=_torch_dtype(dtype), pin_memory=pinned)
+                name: torch.empty(
+                    (chunk_rows, width), dtype=_torch_dtype(options.dtype), pin_memory=pinned
+                )
                 for name, width in features.items()
             }
         )
@@ -218,7 +258,7 @@ def extract(
         current[name][offset : offset + len(tensor)].copy_(tensor, non_blocking=pinned)
 
     try:
-        with torch.no_grad(), record_layers(run.net, wanted, sink=sink):
+        with torch.no_grad(), record_layers(run.net, run.names, sink=sink):
             for chunk_start in range(start - start % chunk_rows, n, chunk_rows):
                 chunk = slice(chunk_start, min(chunk_start + chunk_rows, n))
                 current = free.get()  # waits while the writer is behind: back-pressure
@@ -226,7 +266,7 @@ def extract(
                 for batch_start in range(chunk.start, chunk.stop, batch_size):
                     rows = slice(batch_start, min(batch_start + batch_size, chunk.stop))
                     offset = rows.start - chunk.start
-                    forward(torch.from_numpy(run.pixels(rows)).to(dev, non_blocking=pinned))
+                    run(torch.from_numpy(run.pixels(rows)).to(dev, non_blocking=pinned))
                 ready = None
                 if pinned:  # the writer waits for this chunk's device-to-host copies only
                     ready = torch.cuda.Event()
@@ -235,16 +275,20 @@ def extract(
     finally:
         writer.close()
 
+
+def _finish(
+    run: ViewPass, group: zarr.Group, view: str, options: StoreOptions, partial: Path, out: Path
+) -> None:
+    """The store's metadata, then `complete` (last), then the store renamed into place."""
     group.attrs.update(
         provenance(
             kind="ckaflow.activations",
-            n_examples=n,
-            dtype=dtype,
-            codec=codec,
-            level=level,
+            n_examples=run.n,
+            dtype=options.dtype,
+            codec=options.codec,
+            level=options.level,
             **run.attrs(view),
         )
     )
     group.attrs["complete"] = True  # last: only now is the store whole
     replace_into_place(partial, out)
-    return out

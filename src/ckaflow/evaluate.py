@@ -9,13 +9,19 @@ beat.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from ckaflow.models import record_layers
+
+if TYPE_CHECKING:
+    from ckaflow.config import RunSpec
 
 
 @torch.no_grad()
@@ -134,12 +140,45 @@ def probe_run(
     """Linear probes of one trained run (and of its untrained initial network) at every
     registered layer (`layers="all"`) or at the encoder output only (`"pool"`); writes
     `out` (parquet), one row per encoder and layer."""
+    trained, inputs = _probe_inputs(model_path, data_path, device)
+    meta = inputs.meta
+    registry = trained.registry()
+    # the representation: the pooled features, or a module import's last chosen layer
+    representation = next((la for la in registry if la.kind == "pool"), registry[-1])
+    chosen = registry if layers == "all" else [representation]
+    encoders = {"trained": trained}
+    if untrained:
+        encoders["untrained"] = _untrained_encoder(inputs)
+    rows = []
+    for encoder, net in encoders.items():
+        rows += _encoder_rows(inputs, encoder, net, chosen, steps, weight_decay)
+        at = next(r for r in rows if r["encoder"] == encoder and r["layer"] == representation.name)
+        log(f"{meta['run']} {encoder}: linear probe at {at['layer']} {at['eval_accuracy']:.4f}")
+    return _write_probes(rows, inputs, steps, weight_decay, out)
+
+
+@dataclass
+class _ProbeInputs:
+    """What every probe of one run needs: its spec and metadata, its feed, the device, and the
+    train and clean eval subsets (labels on the device)."""
+
+    run: RunSpec
+    meta: dict
+    feed: Callable
+    dev: torch.device
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    eval_images: torch.Tensor
+    eval_labels: torch.Tensor
+
+
+def _probe_inputs(model_path, data_path, device: str):
+    """The trained network of `model_path`, and the inputs its probes share."""
     from ckaflow.config import run_spec_from_dict
     from ckaflow.data import open_prepared
     from ckaflow.devices import resolve_device
     from ckaflow.feed import feed_for
-    from ckaflow.models import initial_network, load_network
-    from ckaflow.provenance import atomic_path, code_version
+    from ckaflow.models import load_network
 
     dev = resolve_device(device)
     trained, meta = load_network(model_path)
@@ -150,57 +189,86 @@ def probe_run(
     eval_images = torch.from_numpy(data.view("clean"))
     eval_labels = torch.from_numpy(data.eval_labels()).to(dev)
     train_labels = train_labels.to(dev)
-    registry = trained.registry()
-    # the representation: the pooled features, or a module import's last chosen layer
-    representation = next((la for la in registry if la.kind == "pool"), registry[-1])
-    chosen = registry if layers == "all" else [representation]
-    names = [layer.name for layer in chosen]
-    encoders = {"trained": trained}
-    if untrained:
-        untrained_net = initial_network(run, meta["data_attrs"], meta).to(dev)
-        encoders["untrained"] = calibrate_batchnorm(untrained_net, train_images, feed, dev)
-    rows = []
-    for encoder, net in encoders.items():
-        net = net.to(dev)
-        train_feats = pooled_layers(net, train_images, feed, dev, names)
-        eval_feats = pooled_layers(net, eval_images, feed, dev, names)
-        for layer in chosen:
-            train_acc, eval_acc = linear_probe(
-                train_feats[layer.name],
-                train_labels,
-                eval_feats[layer.name],
-                eval_labels,
-                meta["data_attrs"]["num_classes"],
-                steps,
-                weight_decay,
-            )
-            rows.append(
-                {
-                    "run": meta["run"],
-                    "method": run.method,
-                    "arch": run.model.arch,
-                    "width": run.model.width,
-                    "seed": run.seed,
-                    "encoder": encoder,
-                    "layer": layer.name,
-                    "layer_index": layer.index,
-                    "layer_kind": layer.kind,
-                    "stage": layer.stage,
-                    "block": layer.block,
-                    "features": train_feats[layer.name].shape[1],
-                    "train_accuracy": train_acc,
-                    "eval_accuracy": eval_acc,
-                }
-            )
-        at = next(r for r in rows if r["encoder"] == encoder and r["layer"] == representation.name)
-        log(f"{meta['run']} {encoder}: linear probe at {at['layer']} {at['eval_accuracy']:.4f}")
+    inputs = _ProbeInputs(
+        run, meta, feed, dev, train_images, train_labels, eval_images, eval_labels
+    )
+    return trained, inputs
+
+
+def _untrained_encoder(inputs: _ProbeInputs):
+    """The run's exact initial network, its BatchNorm statistics from the training images."""
+    from ckaflow.models import initial_network
+
+    dev = inputs.dev
+    net = initial_network(inputs.run, inputs.meta["data_attrs"], inputs.meta).to(dev)
+    return calibrate_batchnorm(net, inputs.train_images, inputs.feed, dev)
+
+
+def _encoder_rows(
+    inputs: _ProbeInputs, encoder: str, net, chosen: list, steps: int, weight_decay: float
+) -> list[dict]:
+    """One encoder's probe rows, one per chosen layer, in the order of `chosen`."""
+    dev, feed, names = inputs.dev, inputs.feed, [layer.name for layer in chosen]
+    net = net.to(dev)
+    train_feats = pooled_layers(net, inputs.train_images, feed, dev, names)
+    eval_feats = pooled_layers(net, inputs.eval_images, feed, dev, names)
+    return [
+        _layer_row(inputs, encoder, layer, train_feats, eval_feats, steps, weight_decay)
+        for layer in chosen
+    ]
+
+
+def _layer_row(
+    inputs: _ProbeInputs,
+    encoder: str,
+    layer,
+    train_feats: dict[str, torch.Tensor],
+    eval_feats: dict[str, torch.Tensor],
+    steps: int,
+    weight_decay: float,
+) -> dict:
+    """The linear probe of one encoder's layer, as a row of the probes table."""
+    run, meta = inputs.run, inputs.meta
+    train_acc, eval_acc = linear_probe(
+        train_feats[layer.name],
+        inputs.train_labels,
+        eval_feats[layer.name],
+        inputs.eval_labels,
+        meta["data_attrs"]["num_classes"],
+        steps,
+        weight_decay,
+    )
+    return {
+        "run": meta["run"],
+        "method": run.method,
+        "arch": run.model.arch,
+        "width": run.model.width,
+        "seed": run.seed,
+        "encoder": encoder,
+        "layer": layer.name,
+        "layer_index": layer.index,
+        "layer_kind": layer.kind,
+        "stage": layer.stage,
+        "block": layer.block,
+        "features": train_feats[layer.name].shape[1],
+        "train_accuracy": train_acc,
+        "eval_accuracy": eval_acc,
+    }
+
+
+def _write_probes(
+    rows: list[dict], inputs: _ProbeInputs, steps: int, weight_decay: float, out
+) -> pd.DataFrame:
+    """The probes table with its settings and provenance, written whole to `out` or not at all."""
+    from ckaflow.provenance import atomic_path, code_version
+
     table = pd.DataFrame(rows).assign(
-        n_train=len(train_images),
-        n_eval=len(eval_images),
+        n_train=len(inputs.train_images),
+        n_eval=len(inputs.eval_images),
         steps=steps,
         weight_decay=weight_decay,
         code_version=code_version(),
-        model_spec_hash=meta["spec_hash"],
+        model_spec_hash=inputs.meta["spec_hash"],
     )
     out = Path(out)
     with atomic_path(out) as scratch:

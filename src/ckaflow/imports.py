@@ -225,38 +225,11 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
     weights, meta = read_checkpoint(path)
     parts = split_parts(weights, source.format, path)
     encoder = parts["encoder"]
-    conv1 = encoder.get("conv1.weight")
-    if "conv1.0.weight" in encoder:
-        how = (
-            'import it with format: module, module: {builder: "timm:create_model", kwargs: '
-            '{model_name: ..., num_classes: ...}, layers: {names: ["layer?.?", "layer?.??", '
-            '"global_pool"]}}'
-            if source.format == "timm"
-            else "import the network with format: module and its builder"
-        )
-        raise CheckpointError(
-            f"{path}: a deep stem (conv1.0, conv1.3, conv1.6, as in timm's resnet*c/d/s), "
-            f"which torchvision's ResNet does not have; {how}"
-        )
-    if conv1 is None or conv1.ndim != 4:
-        raise CheckpointError(f"{path}: no conv1.weight among the encoder keys")
-    stem = "imagenet" if conv1.shape[-1] == 7 else "cifar"
-    if stem != run.model.stem:
-        raise CheckpointError(
-            f"{path}: conv1 is {conv1.shape[-2]}x{conv1.shape[-1]}, the {stem} stem, but the "
-            f"config says stem: {run.model.stem}"
-        )
+    conv1 = _stem_conv1(encoder, source.format, run.model.stem, path)
     model = replace(run.model, in_channels=int(conv1.shape[1]))
     run = replace(run, model=model)
-    head, extra = run.head, {}
-    wanted = {} if head == "encoder" else parts[head]
-    if head != "encoder" and not wanted:
-        found = [p for p in ("projector", "classifier") if parts[p]] or ["none"]
-        raise CheckpointError(f"{path}: has no {head} (heads found: {found}); set head")
-    if head == "projector":
-        extra["projector"] = projector_layout_of(wanted, path)
-    if head == "classifier":
-        extra["head_outputs"] = int(wanted["weight"].shape[0])
+    head = run.head
+    wanted, extra = _head_weights(parts, head, path)
     extra["stem_relu"] = stem_has_relu(source.format, weights, meta)
     channels, size, _ = run.fed_shape(data_attrs["image_shape"])
     try:
@@ -282,6 +255,46 @@ def import_network(run: RunSpec, data_attrs: dict) -> tuple[Network, dict]:
         part for part in ("projector", "classifier", "ignored") if part != head and parts[part]
     )
     return net.eval(), {"run": run, **extra}
+
+
+def _stem_conv1(encoder: dict[str, torch.Tensor], fmt: str, stem: str, path: Path) -> torch.Tensor:
+    """The encoder's conv1 weight, checked: no deep stem, and the configured stem's kernel."""
+    conv1 = encoder.get("conv1.weight")
+    if "conv1.0.weight" in encoder:
+        how = (
+            'import it with format: module, module: {builder: "timm:create_model", kwargs: '
+            '{model_name: ..., num_classes: ...}, layers: {names: ["layer?.?", "layer?.??", '
+            '"global_pool"]}}'
+            if fmt == "timm"
+            else "import the network with format: module and its builder"
+        )
+        raise CheckpointError(
+            f"{path}: a deep stem (conv1.0, conv1.3, conv1.6, as in timm's resnet*c/d/s), "
+            f"which torchvision's ResNet does not have; {how}"
+        )
+    if conv1 is None or conv1.ndim != 4:
+        raise CheckpointError(f"{path}: no conv1.weight among the encoder keys")
+    found = "imagenet" if conv1.shape[-1] == 7 else "cifar"
+    if found != stem:
+        raise CheckpointError(
+            f"{path}: conv1 is {conv1.shape[-2]}x{conv1.shape[-1]}, the {found} stem, but the "
+            f"config says stem: {stem}"
+        )
+    return conv1
+
+
+def _head_weights(parts: dict[str, dict], head: str, path: Path) -> tuple[dict, dict]:
+    """The asked-for head's weights ({} for encoder) and the metadata that rebuilds it."""
+    extra: dict = {}
+    wanted = {} if head == "encoder" else parts[head]
+    if head != "encoder" and not wanted:
+        found = [p for p in ("projector", "classifier") if parts[p]] or ["none"]
+        raise CheckpointError(f"{path}: has no {head} (heads found: {found}); set head")
+    if head == "projector":
+        extra["projector"] = projector_layout_of(wanted, path)
+    if head == "classifier":
+        extra["head_outputs"] = int(wanted["weight"].shape[0])
+    return wanted, extra
 
 
 def _import_module(run: RunSpec, data_attrs: dict, path: Path) -> tuple[nn.Module, dict]:

@@ -263,6 +263,19 @@ def run_stage(
         return fn(**kwargs)
     if backend != "slurm":
         raise ValueError(f"unknown backend {backend!r}; expected 'local' or 'slurm'")
+    return _run_slurm(stage, fn, kwargs, key, slurm, log, records)
+
+
+def _run_slurm(
+    stage: str,
+    fn: Callable,
+    kwargs: dict,
+    key: str,
+    slurm: SlurmSpec | None,
+    log: Callable[[str], None],
+    records: Path,
+) -> Any:
+    """The slurm backend: reattach to or adopt this output's job, else submit one; wait on it."""
     if running_in_slurm_job():
         raise StageFailed(
             f"already inside SLURM job {os.environ['SLURM_JOB_ID']}: a job must not submit jobs. "

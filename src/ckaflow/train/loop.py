@@ -107,6 +107,46 @@ class Progress:
     generator: torch.Tensor | None = None
 
 
+@dataclass
+class _EpochSums:
+    """An epoch's running sums: loss·images, correct, images, and its start on the perf clock.
+    Loss and correct stay on the device until a log line needs them, so the loop never waits on
+    the GPU."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int
+    t0: float
+
+    @classmethod
+    def from_saved(cls, saved: dict | None, dev: torch.device) -> _EpochSums:
+        """Fresh sums, or those a mid-epoch checkpoint saved (`saved`, as from `saved()`)."""
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        correct = torch.zeros((), dtype=torch.int64, device=dev)
+        seen, seconds = 0, 0.0
+        if saved is not None:
+            loss_sum += saved["loss_sum"]
+            correct += saved["correct"]
+            seen, seconds = saved["seen"], saved["seconds"]
+        return cls(loss_sum, correct, seen, time.perf_counter() - seconds)
+
+    def add(self, loss: torch.Tensor, stats: dict, images: int) -> None:
+        """One step's share: its mean loss over `images` images, and its correct count if any."""
+        self.loss_sum += loss.detach().double() * images
+        if "correct" in stats:
+            self.correct += stats["correct"]
+        self.seen += images
+
+    def saved(self) -> dict:
+        """The sums as plain numbers, for a checkpoint (waits on the device)."""
+        return {
+            "loss_sum": self.loss_sum.item(),
+            "correct": int(self.correct.item()),
+            "seen": self.seen,
+            "seconds": time.perf_counter() - self.t0,
+        }
+
+
 class Trainer:
     """One process's training of one run: the network, its optimiser and data, and the steps
     `train_run` strings together (resume, epoch after epoch, finish). The order of every seeded
@@ -224,89 +264,89 @@ class Trainer:
     # -- one epoch -------------------------------------------------------------------------
     def epoch(self, progress: Progress, policy: CheckpointPolicy, on_step=None) -> None:
         """Train from `progress` to the end of its epoch; `progress` then points at the next."""
-        run, recipe, dev, batch = self.run, self.run.recipe, self.dev, self.batch
-        epoch, steps = progress.epoch, self.steps_per_epoch
+        recipe, epoch, steps = self.run.recipe, progress.epoch, self.steps_per_epoch
         self.model.train()
-        gen = torch.Generator().manual_seed(hash_seed(run.seed, epoch, 0xDA7A))
+        gen = torch.Generator().manual_seed(hash_seed(self.run.seed, epoch, 0xDA7A))
         order = torch.randperm(len(self.images), generator=gen)
         if progress.generator is not None:  # resuming inside this epoch: the generator as it was
             gen.set_state(progress.generator)
-        # running sums of the epoch: loss·images, correct, images, seconds (kept on the device
-        # until a log line needs them, so the loop never waits on the GPU)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        correct = torch.zeros((), dtype=torch.int64, device=dev)
-        seen, seconds = 0, 0.0
-        if progress.sums is not None:
-            loss_sum += progress.sums["loss_sum"]
-            correct += progress.sums["correct"]
-            seen, seconds = progress.sums["seen"], progress.sums["seconds"]
-        t0 = time.perf_counter() - seconds
+        sums = _EpochSums.from_saved(progress.sums, self.dev)
         global_step = epoch * steps + progress.step
         for step in range(progress.step, steps):
-            idx = order[step * batch : (step + 1) * batch]
-            params = self.method.sample(batch, self.images.shape[-1], gen)  # the whole batch's
-            idx, params = idx[self.rows_here], take_rows(params, self.rows_here)
-            pixels = self.images[idx].to(dev, non_blocking=True).float() / 255
-            with self.autocast:
-                loss, stats = self.method.loss(
-                    self.model, pixels, self.labels[idx].to(dev), params, self.to_input
-                )
-            self.opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-            self.sched.step()
-            loss_sum += loss.detach().double() * len(idx)
-            if "correct" in stats:
-                correct += stats["correct"]
-            seen += len(idx)
+            loss, stats, images = self._step(order, step, gen)
+            sums.add(loss, stats, images)
             global_step += 1
             now = time.monotonic()
             if step + 1 < steps and policy.due(
                 global_step - self.last_save_step, now - self.last_save_t
             ):
-                sums = {
-                    "loss_sum": loss_sum.item(),
-                    "correct": int(correct.item()),
-                    "seen": seen,
-                    "seconds": time.perf_counter() - t0,
-                }
-                self.save(Progress(epoch, step + 1, progress.rows, sums, gen.get_state()))
+                self.save(Progress(epoch, step + 1, progress.rows, sums.saved(), gen.get_state()))
                 self.last_save_t, self.last_save_step = now, global_step
             if now - self.last_log_t >= PROGRESS_EVERY_S and self.main:
-                rate = seen / (time.perf_counter() - t0)
-                left = (recipe.epochs * steps - global_step) * batch / rate
-                self.log(
-                    f"{run.run_id} epoch {epoch + 1}/{recipe.epochs} step {step + 1}/{steps} "
-                    f"loss {loss.item():.4f} {rate:.0f} img/s eta {_duration(left)}"
-                )
+                self._log_step(epoch, step, global_step, loss, sums)
                 self.last_log_t = now
             if on_step is not None:
                 on_step(global_step)
-        seconds = time.perf_counter() - t0
+        row = self._epoch_row(epoch, sums)
+        progress.rows.append(row)
+        progress.epoch, progress.step, progress.sums, progress.generator = epoch + 1, 0, None, None
+        self.save(progress)
+        self.last_save_t, self.last_save_step = time.monotonic(), global_step
+        if self.main:
+            left = (recipe.epochs - epoch - 1) * row["seconds"]
+            self.log(
+                f"{self.run.run_id} epoch {epoch + 1}/{recipe.epochs} loss {row['loss']:.4f} "
+                f"lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s eta {_duration(left)}"
+            )
+
+    def _step(self, order: torch.Tensor, step: int, gen: torch.Generator):
+        """One optimiser step on batch `step` of the epoch's `order`: its loss, the method's
+        stats and this process's number of images."""
+        batch, dev = self.batch, self.dev
+        idx = order[step * batch : (step + 1) * batch]
+        params = self.method.sample(batch, self.images.shape[-1], gen)  # the whole batch's
+        idx, params = idx[self.rows_here], take_rows(params, self.rows_here)
+        pixels = self.images[idx].to(dev, non_blocking=True).float() / 255
+        with self.autocast:
+            loss, stats = self.method.loss(
+                self.model, pixels, self.labels[idx].to(dev), params, self.to_input
+            )
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        return loss, stats, len(idx)
+
+    def _log_step(
+        self, epoch: int, step: int, global_step: int, loss: torch.Tensor, sums: _EpochSums
+    ) -> None:
+        """A progress line inside the epoch: the step's loss, the throughput, the time left."""
+        recipe, steps = self.run.recipe, self.steps_per_epoch
+        rate = sums.seen / (time.perf_counter() - sums.t0)
+        left = (recipe.epochs * steps - global_step) * self.batch / rate
+        self.log(
+            f"{self.run.run_id} epoch {epoch + 1}/{recipe.epochs} step {step + 1}/{steps} "
+            f"loss {loss.item():.4f} {rate:.0f} img/s eta {_duration(left)}"
+        )
+
+    def _epoch_row(self, epoch: int, sums: _EpochSums) -> dict:
+        """The finished epoch's metrics row, its sums added up over all processes."""
+        seconds = time.perf_counter() - sums.t0
         loss_total, correct_total, seen_total = distributed.sum_all(
-            [loss_sum.item(), float(correct.item()), float(seen)], dev
+            [sums.loss_sum.item(), float(sums.correct.item()), float(sums.seen)], self.dev
         )
         row = {
-            "run": run.run_id,
+            "run": self.run.run_id,
             "epoch": epoch + 1,
             "loss": loss_total / seen_total,
             "lr": self.sched.get_last_lr()[0],
             "seconds": seconds,
             "images_per_s": seen_total / seconds,
         }
-        if run.method == "supervised":
+        if self.run.method == "supervised":
             row["train_accuracy"] = correct_total / seen_total
-        progress.rows.append(row)
-        progress.epoch, progress.step, progress.sums, progress.generator = epoch + 1, 0, None, None
-        self.save(progress)
-        self.last_save_t, self.last_save_step = time.monotonic(), global_step
-        if self.main:
-            left = (recipe.epochs - epoch - 1) * seconds
-            self.log(
-                f"{run.run_id} epoch {epoch + 1}/{recipe.epochs} loss {row['loss']:.4f} "
-                f"lr {row['lr']:.4g} {row['images_per_s']:.0f} img/s eta {_duration(left)}"
-            )
+        return row
 
     # -- finish ----------------------------------------------------------------------------
     def finish(self, rows: list[dict]) -> Path:
