@@ -180,72 +180,31 @@ def module_features(run: cfg.RunSpec, image_shape: tuple[int, int, int]) -> dict
 def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> StudyCosts:
     study = Study(config)
     image_shape, classes = cfg.dataset_shape(study.data)
-    act = config["activations"]
     eval_size = study.data.eval_size
     n = eval_size if study.examples is None else min(study.examples, eval_size)
     kept = n if study.stored_examples is None else min(study.stored_examples, n)
     run_views = study.run_views()
     has_class = any(c.kind == "class" for c in study.comparisons.values())
     stores = study.activation_stores()
-    jobs = {
-        "prepare_data": 1,
-        "train": sum(run.imported is None for run in study.runs.values()),
-        "import_run": sum(run.imported is not None for run in study.runs.values()),
-        "evaluate": len(study.runs),
-        "gram (fused forward pass)": len(run_views) + (1 if has_class else 0),
-        "extract (stored activations)": len(stores),
-        "cka (every comparison, one job)": 1,
-        "merge, tables, figures, summary": 4,
-    }
-    cka, dtype_bytes = study.cka, DTYPE_BYTES[act["dtype"]]
+    jobs = _stage_jobs(study, len(run_views), len(stores), has_class)
+    cka, dtype_bytes = study.cka, DTYPE_BYTES[config["activations"]["dtype"]]
     blocks, _, layer_store = gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, 1)
-    all_bytes, stored, gram_store = {}, {}, {}
-    gram_flops, gram_forward, widest, by_view = 0.0, 0.0, 1, {}
-    forward, train = {}, {}
-    for run_id, run in study.runs.items():
-        forward[run_id] = forward_flops(run, image_shape, classes)
-        if run.imported is not None:  # trained elsewhere: no training here
-            train[run_id] = 0.0
-            continue
-        views = 2 if run.method == "simclr" else 1
-        images = study.data.train_size * run.recipe.epochs * views
-        train[run_id] = TRAIN_FLOPS_PER_FORWARD * forward[run_id] * images
+    forward, train = _run_flops(study, image_shape, classes)
+    all_bytes, stored, gram_store, by_view = {}, {}, {}, {}
+    gram_flops, gram_forward = 0.0, 0.0
     for run_id, view in run_views:
-        run, side = study.runs[run_id], Side(run_id, view)
-        head = run.head_outputs(classes)
-        model = run.model
-        if run.imported is not None and run.imported.format == "module":
-            sizes = module_features(run, image_shape)
-        else:
-            sizes = layer_features(
-                model.arch,
-                model.width,
-                run.fed_shape(image_shape)[1],
-                run.head,
-                head,
-                model.stem,
-                model.stem_padding,
-            )
+        side = Side(run_id, view)
+        sizes = _layer_sizes(study.runs[run_id], image_shape, classes)
         chosen = {layer.name: sizes[layer.name] for layer in study.layers(side)}
         all_bytes[(run_id, view)] = sum(chosen.values()) * n * dtype_bytes
         if stores:
             kept_values = sum(sizes[layer.name] for layer in study.stored_layers(side))
             stored[(run_id, view)] = kept_values * kept * dtype_bytes
-        products = sum(
-            gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, width)[1]
-            for width in chosen.values()
-        )
-        gram_flops += products
-        # minibatch: every pass forwards every example; full data: one pass per layer group
-        forwards = (
-            cka.passes
-            if cka.estimator == "minibatch"
-            else len(_layer_groups(chosen, n, MEMORY_BYTES))
-        )
-        gram_forward += forwards * n * forward[run_id]
-        by_view[(run_id, view)] = products + forwards * n * forward[run_id]
+        view_gram, view_forward = _view_gram_flops(cka, chosen, n, forward[run_id])
+        gram_flops += view_gram
+        gram_forward += view_forward
+        by_view[(run_id, view)] = view_gram + view_forward
         gram_store[(run_id, view)] = len(chosen) * layer_store
-        widest = max(widest, len(chosen))
     if has_class:
         gram_store[(LABELS, LABELS)] = layer_store
     size = row_blocks(n, cka.batch_size)[0].stop if cka.estimator == "minibatch" else n
@@ -265,6 +224,72 @@ def study_costs(config: dict[str, Any], gpu_tflops: float = DEFAULT_GPU_TFLOPS) 
         cka_job=_cka_job(study, blocks, size, layer_store),
         gram_flops_by_view=by_view,
     )
+
+
+def _stage_jobs(study: Study, views: int, stores: int, has_class: bool) -> dict[str, int]:
+    """Jobs per stage of the workflow, for a study of `views` (run, view) pairs."""
+    return {
+        "prepare_data": 1,
+        "train": sum(run.imported is None for run in study.runs.values()),
+        "import_run": sum(run.imported is not None for run in study.runs.values()),
+        "evaluate": len(study.runs),
+        "gram (fused forward pass)": views + (1 if has_class else 0),
+        "extract (stored activations)": stores,
+        "cka (every comparison, one job)": 1,
+        "merge, tables, figures, summary": 4,
+    }
+
+
+def _run_flops(
+    study: Study, image_shape: tuple[int, int, int], classes: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per run: FLOPs of one image's forward pass, and of its training here (none for an
+    import, trained elsewhere)."""
+    forward, train = {}, {}
+    for run_id, run in study.runs.items():
+        forward[run_id] = forward_flops(run, image_shape, classes)
+        if run.imported is not None:  # trained elsewhere: no training here
+            train[run_id] = 0.0
+            continue
+        views = 2 if run.method == "simclr" else 1
+        images = study.data.train_size * run.recipe.epochs * views
+        train[run_id] = TRAIN_FLOPS_PER_FORWARD * forward[run_id] * images
+    return forward, train
+
+
+def _layer_sizes(
+    run: cfg.RunSpec, image_shape: tuple[int, int, int], classes: int
+) -> dict[str, int]:
+    """Values per example of each of the run's layers: an imported module's from its forward
+    pass on the meta device, any other network's from the layer registry's arithmetic."""
+    if run.imported is not None and run.imported.format == "module":
+        return module_features(run, image_shape)
+    model = run.model
+    return layer_features(
+        model.arch,
+        model.width,
+        run.fed_shape(image_shape)[1],
+        run.head,
+        run.head_outputs(classes),
+        model.stem,
+        model.stem_padding,
+    )
+
+
+def _view_gram_flops(
+    cka: cfg.CkaSpec, chosen: dict[str, int], n: int, forward: float
+) -> tuple[float, float]:
+    """(Gram FLOPs, forward FLOPs) of one run and view in the fused Gram stage, all passes:
+    `chosen` its compared layers' values per example, `forward` one image's forward pass."""
+    products = sum(
+        gram_layer_cost(cka.estimator, n, cka.batch_size, cka.passes, width)[1]
+        for width in chosen.values()
+    )
+    # minibatch: every pass forwards every example; full data: one pass per layer group
+    forwards = (
+        cka.passes if cka.estimator == "minibatch" else len(_layer_groups(chosen, n, MEMORY_BYTES))
+    )
+    return products, forwards * n * forward
 
 
 def _cka_job(study: Study, blocks: int, size: int, layer_bytes: int) -> CkaJobCost:

@@ -141,11 +141,11 @@ def _save(fig, path: Path) -> list[Path]:
     return written
 
 
-def _colours(n: int) -> list:
-    """n colours of the configured (lightness-monotone) colour map, dark to mid: distinct in
-    greyscale, none too light to see on white."""
+def _colours(n: int, top: float = 0.68) -> list:
+    """n colours of the configured (lightness-monotone) colour map, from its dark end up to
+    `top` (mid by default): distinct in greyscale, none too light to see on white."""
     cmap = plt.get_cmap(matplotlib.rcParams["image.cmap"])
-    return [cmap(x) for x in np.linspace(0.0, 0.68, n)] if n > 1 else [cmap(0.0)]
+    return [cmap(x) for x in np.linspace(0.0, top, n)] if n > 1 else [cmap(0.0)]
 
 
 # -- heatmaps ---------------------------------------------------------------------------------
@@ -462,17 +462,11 @@ def draw_cross_diagonal(cross: pd.DataFrame):
     diagonal = cross[cross["layer_a"] == cross["layer_b"]]
     kinds = [(k, t) for k, t in DIAGONAL_PANELS if (diagonal["layer_kind_a"] == k).any()]
     kinds = kinds or [(None, "all layers")]
-    between = diagonal[~seed_replicates(diagonal)]  # other methods, or not replicates
-    same_init = (
-        between.groupby("comparison")["init_a"]
-        .first()
-        .eq(between.groupby("comparison")["init_b"].first())
-    )
+    replicates = seed_replicates(diagonal)
+    between = diagonal[~replicates]  # other methods, or not replicates
+    same_init = _same_init(between)
     pairs = sorted(between["comparison"].unique(), key=lambda c: (bool(same_init[c]), c))
-    seeds = diagonal[seed_replicates(diagonal)]
-    methods = sorted(seeds["method_a"].unique())
-    pair_colours = _colours(len(pairs))
-    method_colours = dict(zip(methods, _colours(len(methods) + 1)[1:], strict=True))
+    methods = sorted(diagonal.loc[replicates, "method_a"].unique())
     fig, axes = plt.subplots(
         1,
         len(kinds),
@@ -482,59 +476,17 @@ def draw_cross_diagonal(cross: pd.DataFrame):
         layout="constrained",
     )
     axes = list(axes[0])
-    handles: dict[str, object] = {}
+    handles: dict[str, object] = {}  # legend entries by label, in the order first drawn
     axis_of = []
     for ax, (kind, panel_title) in zip(axes, kinds, strict=True):
         part = diagonal if kind is None else diagonal[diagonal["layer_kind_a"] == kind]
         axis = LayerAxis.of(part, "a")
         axis_of.append(axis)
-        for i, method in enumerate(methods):
-            band = part[seed_replicates(part) & (part["method_a"] == method)]
-            if not len(band):
-                continue
-            what = "range and 95% intervals" if _has_intervals(band) else "range"
-            label = f"{method_name(method)} seed vs seed ({what})"
-            hatch = BAND_HATCH[i % len(BAND_HATCH)]
-            drawn = _band(ax, axis, band, method_colours[method], hatch, label, f"seeds-{method}")
-            handles.setdefault(label, drawn)
+        _seed_bands(ax, axis, part, methods, handles)
         if len(pairs) <= len(MARKERS):  # a line per pair
-            for comparison, colour, marker in zip(pairs, pair_colours, MARKERS, strict=False):
-                group = part[part["comparison"] == comparison]
-                if len(group):
-                    label, line = _pair_line(ax, axis, group, colour, marker, same_init)
-                    handles.setdefault(label, line)
-            ax.set_title(panel_title, fontsize=9)
-            continue
-        # too many pairs for a line each: per pair of methods and start, a band and its mean
-        groups = between.assign(shared=between["comparison"].map(same_init))
-        keys = groups.drop_duplicates(["method_a", "method_b", "shared"])
-        keys = keys.sort_values(["shared", "method_a", "method_b"])
-        # the dark end of the colour map (the seed bands take the middle), told apart by
-        # hatch and line style
-        cmap = plt.get_cmap(matplotlib.rcParams["image.cmap"])
-        colours = [cmap(x) for x in np.linspace(0.0, 0.15, len(keys))]
-        for i, key in enumerate(keys.itertuples()):
-            rows = part[
-                part["comparison"].isin(
-                    groups.loc[
-                        (groups["method_a"] == key.method_a)
-                        & (groups["method_b"] == key.method_b)
-                        & (groups["shared"] == key.shared),
-                        "comparison",
-                    ]
-                )
-            ]
-            if not len(rows):
-                continue
-            start = "same" if key.shared else "different"
-            label = (
-                f"{method_name(key.method_a)} vs {method_name(key.method_b)}, {start} initial "
-                f"weights ({rows['comparison'].nunique()} pairs: range and mean)"
-            )
-            gid = f"pairs-{key.method_a}-{key.method_b}-{start}"
-            hatch, style = ("..", ":") if key.shared else ("||", "-")
-            drawn = _band(ax, axis, rows, colours[i], hatch, label, gid, style)
-            handles.setdefault(label, drawn)
+            _pair_lines(ax, axis, part, pairs, same_init, handles)
+        else:  # too many pairs for a line each
+            _pair_bands(ax, axis, part, between, same_init, handles)
         ax.set_title(panel_title, fontsize=9)
     _title(fig, axes, "Cross-model CKA along the diagonal")
     _finish_curves(
@@ -547,6 +499,68 @@ def draw_cross_diagonal(cross: pd.DataFrame):
         legend="outside lower center",
     )
     return fig
+
+
+def _same_init(between: pd.DataFrame) -> pd.Series:
+    """Per comparison: whether both runs started from the same initial weights."""
+    by_comparison = between.groupby("comparison")
+    return by_comparison["init_a"].first().eq(by_comparison["init_b"].first())
+
+
+def _seed_bands(ax, axis, part: pd.DataFrame, methods: list, handles: dict) -> None:
+    """Per method, a band over the pairs of its seed replicates; legend entries into `handles`."""
+    method_colours = dict(zip(methods, _colours(len(methods) + 1)[1:], strict=True))
+    for i, method in enumerate(methods):
+        band = part[seed_replicates(part) & (part["method_a"] == method)]
+        if not len(band):
+            continue
+        what = "range and 95% intervals" if _has_intervals(band) else "range"
+        label = f"{method_name(method)} seed vs seed ({what})"
+        hatch = BAND_HATCH[i % len(BAND_HATCH)]
+        drawn = _band(ax, axis, band, method_colours[method], hatch, label, f"seeds-{method}")
+        handles.setdefault(label, drawn)
+
+
+def _pair_lines(ax, axis, part: pd.DataFrame, pairs: list, same_init, handles: dict) -> None:
+    """A line per pair of runs (few enough for a marker each); legend entries into `handles`."""
+    for comparison, colour, marker in zip(pairs, _colours(len(pairs)), MARKERS, strict=False):
+        group = part[part["comparison"] == comparison]
+        if len(group):
+            label, line = _pair_line(ax, axis, group, colour, marker, same_init)
+            handles.setdefault(label, line)
+
+
+def _pair_bands(ax, axis, part: pd.DataFrame, between, same_init, handles: dict) -> None:
+    """Too many pairs of runs for a line each: per pair of methods and start, a band and its
+    mean over all their pairs; legend entries into `handles`."""
+    groups = between.assign(shared=between["comparison"].map(same_init))
+    keys = groups.drop_duplicates(["method_a", "method_b", "shared"])
+    keys = keys.sort_values(["shared", "method_a", "method_b"])
+    # the dark end of the colour map (the seed bands take the middle), told apart by hatch and
+    # line style
+    colours = _colours(len(keys), top=0.15)
+    for i, key in enumerate(keys.itertuples()):
+        rows = part[
+            part["comparison"].isin(
+                groups.loc[
+                    (groups["method_a"] == key.method_a)
+                    & (groups["method_b"] == key.method_b)
+                    & (groups["shared"] == key.shared),
+                    "comparison",
+                ]
+            )
+        ]
+        if not len(rows):
+            continue
+        start = "same" if key.shared else "different"
+        label = (
+            f"{method_name(key.method_a)} vs {method_name(key.method_b)}, {start} initial "
+            f"weights ({rows['comparison'].nunique()} pairs: range and mean)"
+        )
+        gid = f"pairs-{key.method_a}-{key.method_b}-{start}"
+        hatch, style = ("..", ":") if key.shared else ("||", "-")
+        drawn = _band(ax, axis, rows, colours[i], hatch, label, gid, style)
+        handles.setdefault(label, drawn)
 
 
 def cross_diagonal(cross: pd.DataFrame, path: Path) -> list[Path]:
