@@ -256,18 +256,23 @@ REHEARSAL = REPO / "configs" / "rehearsal.yaml"
 
 @pytest.mark.e2e
 def test_a_rehearsal_of_the_paper_study_moves_the_bytes_the_plan_predicts(tmp_path):
-    """The paper's shape (ResNet-50, 3 seeds per method, 3 views, 10 passes) on a few hundred
-    images, end to end: the bytes every stage read and wrote, as its log reports them (counted
-    by the stores' and files' readers and writers, `ckaflow.bytecount`), are the plan's within
-    5 %, for every figure the plan calls exact."""
+    """The paper's shape (ResNet-50, 68 layers per run, 3 views, 10 passes, every comparison
+    kind) on a few hundred images with one seed per method (the byte accounting is per job;
+    `make rehearsal` runs all three seeds), end to end: the bytes every stage read and wrote,
+    as its log reports them (counted by the stores' and files' readers and writers,
+    `ckaflow.bytecount`), are the plan's within 5 %, for every figure the plan calls exact."""
+    import yaml
+
     from ckaflow.bytecount import parse
     from ckaflow.stage_costs import stage_costs
 
+    study = tmp_path / "rehearsal.yaml"
+    study.write_text(yaml.safe_dump(yaml.safe_load(REHEARSAL.read_text()) | {"seeds": [0]}))
     result = subprocess.run(
-        snakemake_cmd(tmp_path, REHEARSAL), capture_output=True, text=True, env=ENV, timeout=2400
+        snakemake_cmd(tmp_path, study), capture_output=True, text=True, env=ENV, timeout=2400
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    cfg = config.load(REHEARSAL)
+    cfg = config.load(study)
     predicted = {s.stage: s for s in stage_costs(cfg, study_costs(cfg))}
     logs = tmp_path / "results" / "logs"
     assert set(predicted) <= {p.name for p in logs.iterdir()}
@@ -278,6 +283,6 @@ def test_a_rehearsal_of_the_paper_study_moves_the_bytes_the_plan_predicts(tmp_pa
             if what not in cost.estimated:  # compressed tables are estimates (≈ in the plan)
                 want = getattr(cost, what)
                 assert measured == pytest.approx(want, rel=0.05), (stage, what, measured, want)
-    assert predicted["gram"].jobs == 18 and predicted["cka"].read == sum(
+    assert predicted["gram"].jobs == 6 and predicted["cka"].read == sum(
         study_costs(cfg).gram_store_bytes.values()
     )
