@@ -35,7 +35,7 @@ from ckaflow import bytecount
 from ckaflow.config import stable_hash
 from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
-from ckaflow.store import ChunkEncoder, ChunkPaths, StoreOptions, open_partial
+from ckaflow.store import ChunkEncoder, ChunkPaths, StoreOptions, open_partial, partial_path
 
 if TYPE_CHECKING:
     from ckaflow.forward import ViewPass
@@ -188,7 +188,7 @@ def _open_store(
         ]
     )
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.name}.partial")
+    partial = partial_path(out)
     group, start = open_partial(
         partial,
         call_hash,

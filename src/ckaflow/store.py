@@ -162,6 +162,11 @@ def chunk_problems(array: zarr.Array, decode: bool = True) -> list[str]:
     return problems
 
 
+def partial_path(out: Path) -> Path:
+    """Where a store is built before it takes its final name (`.<name>.partial` beside it)."""
+    return out.with_name(f".{out.name}.partial")
+
+
 def open_partial(
     partial: Path, call_hash: str, kind: str, counter: str, log, resuming: str
 ) -> tuple[zarr.Group, int]:

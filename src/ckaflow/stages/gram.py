@@ -54,7 +54,7 @@ from ckaflow.gram_stores import (
 )
 from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
-from ckaflow.store import ChunkPaths, open_partial, open_store
+from ckaflow.store import ChunkPaths, open_partial, open_store, partial_path
 
 # Full-data estimators: float32 rows of a group of layers held at once (see module docstring).
 MEMORY_BYTES = 2 * 2**30
@@ -205,7 +205,7 @@ def _open_partial_store(fused: _FusedPass, out: Path, chosen: dict, wide: bool, 
             GRAM_FORMAT,  # the chunk layout: an older partial store is rebuilt, not continued
         ]
     )
-    partial = out.with_name(f".{out.name}.partial")
+    partial = partial_path(out)
     group, done = open_partial(
         partial,
         call_hash,
@@ -309,7 +309,7 @@ def _finish(group: zarr.Group, fused: _FusedPass, settings: dict, model_path, ou
         )
     )
     group.attrs["complete"] = True  # last: only now is the store whole
-    replace_into_place(out.with_name(f".{out.name}.partial"), out)
+    replace_into_place(partial_path(out), out)
 
 
 def fused_gram_store(
