@@ -14,7 +14,4 @@ rule extract:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow extract --model {input.model} --data {input.data} --view {wildcards.view}"
-        " --out {output} --store {params.spec} --threads {threads}"
-        ""
-        + LOGGED
+        command("extract")

@@ -14,10 +14,7 @@ rule gram:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow gram --model {input.model} --data {input.data} --view {wildcards.view}"
-        " --out {output} --spec {params.spec} --threads {threads}"
-        ""
-        + LOGGED
+        command("gram")
 
 
 rule gram_labels:
@@ -33,8 +30,7 @@ rule gram_labels:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow gram --labels --source {input} --out {output} --spec {params.spec}"
-        + LOGGED
+        command("gram_labels")
 
 
 rule cka:
@@ -53,5 +49,4 @@ rule cka:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow cka --spec {params.spec} --out {output} --threads {threads}"
-        + LOGGED
+        command("cka")

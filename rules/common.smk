@@ -4,6 +4,8 @@ import re
 import shlex
 from dataclasses import asdict, is_dataclass
 
+from ckaflow.stages import STAGES
+
 
 # Every rule's command writes its log (results/logs/<rule>/...), and on failure shows the log's
 # last lines in the terminal: the stage's own message, where the user is looking.
@@ -16,6 +18,11 @@ LOGGED = (
 def one_of(names):
     """A wildcard constraint matching exactly these names (none: nothing)."""
     return "|".join(map(re.escape, names)) or "(?!)"
+
+
+def command(rule):
+    """The rule's shell command: its stage's subcommand (`ckaflow.stages.STAGES`), logged."""
+    return STAGES[rule].shell() + LOGGED
 
 
 def spec(obj):

@@ -9,5 +9,4 @@ rule prepare_data:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow prepare --spec {params.spec} --out {output}"
-        + LOGGED
+        command("prepare_data")

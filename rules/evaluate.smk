@@ -13,9 +13,7 @@ rule evaluate:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow evaluate --model {input.model} --data {input.data} --out {output}"
-        " --spec {params.spec} --threads {threads}"
-        + LOGGED
+        command("evaluate")
 
 
 rule run_tables:
@@ -32,5 +30,4 @@ rule run_tables:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow run-tables --out-dir {params.out_dir} {params.runs}"
-        + LOGGED
+        command("run_tables")

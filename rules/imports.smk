@@ -15,5 +15,4 @@ rule import_run:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow import --spec {params.spec} --data {input.data} --out {output.model}"
-        + LOGGED
+        command("import_run")

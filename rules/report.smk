@@ -7,15 +7,13 @@ rule merge_tables:
         parquet=STUDY.table("cka"),
         csv=STUDY.table("cka", "csv"),
     params:
-        config_hash=STUDY.tables_spec()["config_hash"],
+        spec=spec(STUDY.tables_spec()),
     log:
         STUDY.log("merge_tables", "cka"),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow merge --out {output.parquet} --config-hash {params.config_hash} {input}"
-        ""
-        + LOGGED
+        command("merge_tables")
 
 
 rule figures:
@@ -31,16 +29,14 @@ rule figures:
             for path in STUDY.figures()
         ],
     params:
-        style=spec(STUDY.figures_spec()),
+        spec=spec(STUDY.figures_spec()),
         out_dir=lambda w, output: os.path.dirname(output[0]),
     log:
         STUDY.log("figures", "figures"),
     conda:
         CONDA_ENV
     shell:
-        "ckaflow plot --table {input.cka} --probes {input.probes} --style {params.style}"
-        " --out-dir {params.out_dir}"
-        + LOGGED
+        command("figures")
 
 
 rule summary:
@@ -61,6 +57,4 @@ rule summary:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow summarize --table {input.cka} --probes {input.probes} --claims {output.claims}"
-        " --spec {params.spec} --out {output.summary}"
-        + LOGGED
+        command("summary")

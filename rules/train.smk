@@ -16,6 +16,4 @@ rule train:
     conda:
         CONDA_ENV
     shell:
-        "ckaflow train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
-        " --threads {threads}"
-        + LOGGED
+        command("train")

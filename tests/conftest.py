@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,21 @@ REPO = Path(__file__).resolve().parents[1]
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
 BIN = Path(sys.executable).parent  # the venv's ckaflow and snakemake
 ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+# Specs for the stages' commands by hand: the library's defaults, every layer and example
+STAGE_SPECS = {
+    "extract": {
+        "layers": None, "examples": None, "precision": "auto", "channels_last": "auto",
+        "dtype": "float32", "codec": "zstd", "level": 1, "batch_size": 256, "chunk_rows": 256,
+    },
+    "gram": {"estimator": "minibatch", "batch_size": 256, "passes": 1, "seed": 0, "examples": None},
+    "evaluate": {},
+}  # fmt: skip
+
+
+def stage_spec(stage: str, **changes) -> str:
+    """The JSON `--spec` of `ckaflow <stage>`, with `changes` to the defaults."""
+    return json.dumps({**STAGE_SPECS[stage], **changes})
 
 
 def snakemake_cmd(workdir: Path, configfile: Path, *args: str, cores: int = 2) -> list[str]:

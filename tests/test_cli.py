@@ -11,24 +11,50 @@ def _ckaflow(*args, **kw):
 def test_missing_dataset_is_an_error_for_people_not_a_traceback(tmp_path):
     cfg = tiny_config(data={"root": str(tmp_path / "nowhere")})
     spec = json.dumps({"data": cfg["data"], "augment": cfg["augment"]})
-    result = _ckaflow("prepare", "--spec", spec, "--out", str(tmp_path / "d.zarr"))
+    result = _ckaflow("prepare-data", "--spec", spec, "--out", str(tmp_path / "d.zarr"))
     assert result.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "d.zarr").exists()
 
 
-def test_help_lists_every_stage():
+def test_help_lists_every_stage_by_its_rule_s_name():
     import re
+
+    from tests.conftest import REPO
 
     out = _ckaflow("--help").stdout
     listed = set(re.findall(r"\{([a-z,-]+)\}", out))  # argparse's {a,b,...} of subcommands
     assert len(listed) == 1  # the same list in the usage and under "positional arguments"
-    assert set(listed.pop().split(",")) == {
-        *("prepare", "import", "train", "evaluate", "run-tables", "extract", "gram", "cka"),
-        "merge",
-        *("plot", "summarize", "plan", "inspect"),
+    rules = set(re.findall(r"^rule (\w+):", _all_rules(REPO), re.M)) - {"all"}
+    assert len(rules) == 12
+    assert set(listed.pop().split(",")) == {r.replace("_", "-") for r in rules} | {
+        "plan",
+        "inspect",
     }
+
+
+def _all_rules(repo) -> str:
+    return "\n".join(p.read_text() for p in sorted((repo / "rules").glob("*.smk")))
+
+
+def test_each_rule_runs_its_stage_s_command():
+    """Every rule's shell is its stage's generated command, and the rule has each placeholder
+    the command names (params.spec, input.model...): one table, no spelling twice."""
+    import re
+
+    from ckaflow.stages import STAGES
+    from tests.conftest import REPO
+
+    text = _all_rules(REPO)
+    for rule, stage in STAGES.items():
+        body = text.split(f"rule {rule}:", 1)[1].split("\nrule ", 1)[0]
+        assert f'command("{rule}")' in body, rule
+        for placeholder in re.findall(r"\{(\w+)\.(\w+)\}", stage.shell()):
+            kind, name = placeholder
+            if kind in ("params", "input", "output") and name != "spec":
+                assert re.search(rf"^\s+{name}=", body, re.M), (rule, placeholder)
+        assert ("params:\n        spec=" in body) == (stage.spec is not None), rule
 
 
 def test_every_list_of_choices_is_the_schema_s():
@@ -39,9 +65,9 @@ def test_every_list_of_choices_is_the_schema_s():
     from ckaflow.train.loop import METHODS
 
     sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
-    for command in ("gram", "cka"):
-        option = next(a for a in sub[command]._actions if a.dest == "estimator")
-        assert tuple(option.choices) == schema_enum("cka.estimator")
+    for command in ("train", "evaluate", "extract", "gram"):
+        option = next(a for a in sub[command]._actions if a.dest == "device")
+        assert tuple(option.choices) == schema_enum("device")
     assert (
         cka.ESTIMATORS == schema_enum("cka.estimator") == ("minibatch", "linear", "debiased", "rbf")
     )
@@ -55,5 +81,6 @@ def test_a_malformed_cka_spec_is_an_error_naming_what_is_expected(tmp_path):
     for spec in ("not json", '{"comparisons": [{"id": "x"}]}'):
         result = _ckaflow("cka", "--spec", spec, "--out", str(tmp_path / "p.parquet"))
         assert result.returncode == 2, result.stderr
-        assert "--spec is no CKA spec" in result.stderr and "Traceback" not in result.stderr
+        assert "--spec is no cka spec" in result.stderr and "Traceback" not in result.stderr
+        assert "comparisons, estimator, bootstrap, seed, tile_layers, cache" in result.stderr
     assert not (tmp_path / "p.parquet").exists()

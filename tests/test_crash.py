@@ -27,7 +27,7 @@ from ckaflow import config
 from ckaflow.errors import CkaflowError
 from ckaflow.killpoints import ANNOUNCE
 from ckaflow.provenance import PAUSE_WRITE
-from tests.conftest import BIN, ENV, tiny_config
+from tests.conftest import BIN, ENV, stage_spec, tiny_config
 
 # where each kill run is killed, in turn: inside a write (the first run, whose output folder is
 # empty, always reaches the write it aims at), or at a random moment (see crash_and_resume)
@@ -37,6 +37,20 @@ PAUSE_S = 0.4  # how long a write of a "write" kill run holds its finished scrat
 
 def ckaflow(*args: str) -> list[str]:
     return [str(BIN / "ckaflow"), *map(str, args)]
+
+
+def library_call(function: str, **kwargs) -> list[str]:
+    """A process that calls `module:function` of ckaflow with `kwargs` (JSON) after announcing
+    `stage:start`, as a stage's command does: for the library functions no rule calls."""
+    module, name = function.split(":")
+    script = (
+        "import json, sys\n"
+        "from ckaflow.killpoints import announce\n"
+        f"from {module} import {name} as fn\n"
+        "announce('stage:start')\n"
+        "fn(**json.loads(sys.argv[1]))\n"
+    )
+    return [str(BIN / "python"), "-c", script, json.dumps(kwargs, default=str)]
 
 
 def run_to_end(cmd: list[str]) -> str:
@@ -242,7 +256,7 @@ def train_command(method: str, recipe: dict, prepared: Path):
 
     def cmd(out):
         return ckaflow(
-            "train", "--spec", spec, "--data", prepared, "--out-dir", out, "--device", "cpu",
+            "train", "--spec", spec, "--data", prepared, "--out", out, "--device", "cpu",
             "--threads", 1, "--checkpoint", json.dumps({"every_steps": 2}),
         )  # fmt: skip
 
@@ -255,8 +269,9 @@ def extract_command(trained, prepared):
 
     def cmd(out):
         return ckaflow(
-            "extract", "--model", trained["supervised"], "--data", prepared, "--view", "aug1",
-            "--out", out / "aug1.zarr", "--batch-size", 16, "--chunk-rows", 32, "--device", "cpu",
+            "extract", "--spec", stage_spec("extract", batch_size=16, chunk_rows=32),
+            "--model", trained["supervised"],
+            "--data", prepared, "--view", "aug1", "--out", out / "aug1.zarr", "--device", "cpu",
             "--threads", 1,
         )  # fmt: skip
 
@@ -268,11 +283,11 @@ def fused_gram_command(trained, prepared):
     after every block, into out/g.zarr: out -> command."""
 
     def cmd(out):
+        spec = stage_spec("gram", batch_size=64, passes=2, seed=7)
         return ckaflow(
-            "gram", "--model", trained["simclr"], "--data", prepared, "--view", "clean",
-            "--out", out / "g.zarr", "--estimator", "minibatch", "--batch-size", 64,
-            "--passes", 2, "--seed", 7, "--flush-s", 0, "--device", "cpu", "--threads", 1,
-            "--backend", "local",
+            "gram", "--spec", spec, "--model", trained["simclr"],
+            "--data", prepared, "--view", "clean", "--out", out / "g.zarr", "--flush-s", 0,
+            "--device", "cpu", "--threads", 1, "--backend", "local",
         )  # fmt: skip
 
     return cmd
@@ -300,9 +315,9 @@ def test_gram_killed_at_random_points(activations, tmp_path):
     from ckaflow.gram_stores import open_gram
 
     def cmd(out):
-        return ckaflow(
-            "gram", "--source", activations[("simclr", "clean")], "--out", out / "g.zarr",
-            "--estimator", "rbf", "--device", "cpu",
+        return library_call(
+            "ckaflow.stages.gram:gram_store", activations=activations[("simclr", "clean")],
+            out=out / "g.zarr", estimator="rbf", batch_size=256, device="cpu",
         )  # fmt: skip
 
     def read(out):
@@ -376,11 +391,11 @@ def test_fused_gram_killed_at_random_points(trained, prepared, tmp_path):
 @pytest.mark.crash
 def test_cka_and_merge_killed_at_random_points(grams, tmp_path):
     def tile_cmd(out, rows="0:28", cols="0:27"):
-        return ckaflow(
-            "cka", "--comparison", "cross-x", "--kind", "cross", "--a", grams["simclr"],
-            "--b", grams["supervised"], "--rows", rows, "--cols", cols,
-            "--estimator", "minibatch", "--bootstrap", 2000, "--out", out / f"{rows}.parquet",
-        )  # fmt: skip
+        pair = {"id": "cross-x", "kind": "cross", "a": str(grams["simclr"])}
+        pair |= {"b": str(grams["supervised"]), "rows": _range(rows), "cols": _range(cols)}
+        spec = {"comparisons": [pair], "estimator": "minibatch", "bootstrap": 2000, "seed": 0}
+        spec |= {"tile_layers": 16, "cache": None}
+        return ckaflow("cka", "--spec", json.dumps(spec), "--out", out / f"{rows}.parquet")
 
     def read_tile(out):
         return pd.read_parquet(out / "0:28.parquet") if (out / "0:28.parquet").exists() else None
@@ -393,7 +408,10 @@ def test_cka_and_merge_killed_at_random_points(grams, tmp_path):
 
     def merge_cmd(out):
         parts = sorted(tiles.glob("*.parquet"))
-        return ckaflow("merge", "--out", out / "cka.parquet", "--config-hash", "h", *parts)
+        spec = json.dumps({"config_hash": "h"})
+        return ckaflow(
+            "merge-tables", "--spec", spec, "--tables", *parts, "--out", out / "cka.parquet"
+        )
 
     def read_merged(out):
         path = out / "cka.parquet"
@@ -401,6 +419,11 @@ def test_cka_and_merge_killed_at_random_points(grams, tmp_path):
 
     crash_and_resume("merge", merge_cmd, read_merged, _same_table, tmp_path / "m")
     assert len(read_merged(tmp_path / "m" / "crashed")) == 28 * 27
+
+
+def _range(text: str) -> list[int]:
+    start, stop = text.split(":")
+    return [int(start), int(stop)]
 
 
 def _new_scratch(out: Path, name: str):

@@ -16,7 +16,7 @@ import zarr
 
 from ckaflow.errors import StoreError
 from ckaflow.store import open_store
-from tests.conftest import BIN, ENV
+from tests.conftest import BIN, ENV, stage_spec
 
 
 def _mount(path: Path, options: str) -> None:
@@ -44,9 +44,9 @@ def small_disk(tmp_path):
 
 def _extract(trained, prepared, out: Path) -> subprocess.CompletedProcess:
     cmd = [
-        str(BIN / "ckaflow"), "extract", "--model", str(trained["simclr"]), "--data",
-        str(prepared), "--view", "clean", "--out", str(out), "--chunk-rows", "64",
-        "--device", "cpu", "--threads", "1",
+        str(BIN / "ckaflow"), "extract", "--spec", stage_spec("extract", chunk_rows=64),
+        "--model", str(trained["simclr"]), "--data", str(prepared), "--view", "clean",
+        "--out", str(out), "--device", "cpu", "--threads", "1",
     ]  # fmt: skip
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
 
@@ -101,15 +101,15 @@ def test_a_read_only_results_folder_gives_a_clear_error(tmp_path, fashion_root):
             ' "grayscale_p": 0.2}, "chunk_rows": 16}'
         )
         out = folder / "d.zarr"
-        cmd = [str(BIN / "ckaflow"), "prepare", "--spec", spec, "--out", str(out)]
+        cmd = [str(BIN / "ckaflow"), "prepare-data", "--spec", spec, "--out", str(out)]
         env = {**ENV, "TMPDIR": str(scratch)}
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         # the storage error's own exit code and message, naming where it could not write
         assert result.returncode == 2, result.stderr[-2000:]
         assert "Traceback" not in result.stderr, result.stderr[-2000:]
-        assert result.stderr.startswith("ckaflow prepare: error: Read-only file system writing "), (
-            result.stderr
-        )
+        assert result.stderr.startswith(
+            "ckaflow prepare-data: error: Read-only file system writing "
+        ), result.stderr
         assert f"writing {folder}/" in result.stderr, result.stderr
         assert "choose a writable results folder" in result.stderr
         assert not out.exists()

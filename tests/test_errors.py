@@ -59,7 +59,7 @@ def test_a_failed_stage_shows_its_own_message_under_its_rule(tmp_path):
     said = done.stdout + done.stderr
     shown = said.split("ckaflow: a stage failed; the end of results/logs/import_run/tv.log:", 1)
     assert len(shown) == 2, said[-3000:]
-    assert f"ckaflow import: error: {damaged}: not a readable checkpoint" in shown[1], said
+    assert f"ckaflow import-run: error: {damaged}: not a readable checkpoint" in shown[1], said
 
 
 def _resnet18_state() -> dict:

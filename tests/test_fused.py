@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
 import numpy as np
@@ -13,7 +14,7 @@ from ckaflow.cka.pairs import cka_between
 from ckaflow.errors import ConfigError, StoreError
 from ckaflow.gram_stores import load_stats, open_gram
 from ckaflow.stages.gram import _Flusher, fused_gram_store, gram_store
-from tests.conftest import BIN, ENV
+from tests.conftest import BIN, ENV, stage_spec
 from tests.tolerances import gram_atol
 
 
@@ -188,19 +189,24 @@ def test_bad_requests_are_refused(trained, prepared, tmp_path):
     cmd = [str(BIN / "ckaflow"), "gram", "--out", str(tmp_path / "g.zarr"), "--view", "clean"]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
     assert result.returncode == 2
-    assert "needs --source, or --model, --data and --view" in result.stderr
+    assert "the following arguments are required: --spec, --model, --data" in result.stderr
     assert "Traceback" not in result.stderr
+    cmd += ["--spec", stage_spec("gram", estimator="cosine"), "--model", "m.pt", "--data", "d"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert "cosine" in result.stderr and "minibatch" in result.stderr, result.stderr
 
 
 def test_cli_fused_stage(trained, prepared, tmp_path):
-    """`ckaflow gram --model --data --view` (the workflow's call) gives the library's store."""
+    """`ckaflow gram --spec --model --data --view` (the workflow's call) gives the library's
+    store."""
     out = tmp_path / "cli.zarr"
-    spec = '{"layers": ["layer1.0.out", "pool"], "examples": 100}'
+    spec = stage_spec("gram", layers=["layer1.0.out", "pool"], examples=100)
+    spec = json.loads(spec) | {"batch_size": 32, "passes": 2, "seed": 1}
     cmd = [
         *(str(BIN / "ckaflow"), "gram", "--model", str(trained["simclr"])),
         *("--data", str(prepared), "--view", "aug1", "--out", str(out)),
-        *("--batch-size", "32", "--passes", "2", "--seed", "1", "--spec", spec),
-        *("--device", "cpu", "--backend", "local"),
+        *("--spec", json.dumps(spec), "--device", "cpu", "--backend", "local"),
     ]
     subprocess.run(cmd, check=True, env=ENV)
     ref = fused_gram_store(

@@ -542,7 +542,7 @@ def test_the_command_line_refuses_a_tampered_file_without_a_traceback(
 
     path = _tampered(torchvision_file, tmp_path, lambda s: s.pop("conv1.weight"))
     run = _spec("tv", path, "torchvision", "encoder")
-    cmd = [str(BIN / "ckaflow"), "import", "--spec", json.dumps(asdict(run))]
+    cmd = [str(BIN / "ckaflow"), "import-run", "--spec", json.dumps(asdict(run))]
     cmd += ["--data", str(prepared), "--out", str(tmp_path / "m.pt")]
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     assert result.returncode == 2, result.stderr

@@ -164,7 +164,10 @@ def test_the_cka_job_and_the_merge_killed_at_each_write(grams, tmp_path):
     pairs = tmp_path / "cka" / "reference" / "pairs.parquet"
 
     def merge_cmd(out):
-        return ckaflow("merge", "--out", out / "cka.parquet", "--config-hash", "h", pairs)
+        spec = json.dumps({"config_hash": "h"})
+        return ckaflow(
+            "merge-tables", "--spec", spec, "--tables", pairs, "--out", out / "cka.parquet"
+        )
 
     def read_merged(out):
         return pd.read_parquet(out / "cka.parquet")

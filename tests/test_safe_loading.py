@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckaflow import config
-from tests.conftest import BIN, ENV, tiny_config
+from tests.conftest import BIN, ENV, stage_spec, tiny_config
 
 
 class Booby:
@@ -58,6 +58,7 @@ def test_model_stages_refuse_it(booby_trapped, prepared, tmp_path, stage):
     cmd = [
         *(str(BIN / "ckaflow"), stage, "--model", str(path), "--data", str(prepared)),
         *("--out", str(tmp_path / "out"), "--device", "cpu", "--backend", "local"),
+        *("--spec", stage_spec(stage)),
     ]
     if stage != "evaluate":
         cmd += ["--view", "clean"]
@@ -77,7 +78,7 @@ def test_training_refuses_to_resume_from_it(booby_trapped, prepared, tmp_path):
     spec = {"run": config.to_jsonable(run), "augment": config.to_jsonable(config.augment_spec(cfg))}
     cmd = [
         *(str(BIN / "ckaflow"), "train", "--spec", json.dumps(spec), "--data", str(prepared)),
-        *("--out-dir", str(run_dir), "--device", "cpu", "--backend", "local"),
+        *("--out", str(run_dir), "--device", "cpu", "--backend", "local"),
     ]
     _refused(cmd, marker)
     assert not (run_dir / "model.pt").exists()

@@ -209,6 +209,8 @@ def test_a_job_result_comes_back_and_a_rerun_takes_it_instead_of_resubmitting(cl
 @pytest.mark.timeout(120)
 def test_a_stage_that_raises_fails_with_its_traceback(cluster, tmp_path):
     """The rule's command (`ckaflow extract --backend slurm`) on a broken checkpoint."""
+    from tests.conftest import stage_spec
+
     since = _since()
     bad = tmp_path / "model.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -224,6 +226,8 @@ def test_a_stage_that_raises_fails_with_its_traceback(cluster, tmp_path):
         [
             "ckaflow",
             "extract",
+            "--spec",
+            stage_spec("extract"),
             "--model",
             str(bad),
             "--data",

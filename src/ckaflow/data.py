@@ -220,7 +220,7 @@ class PreparedData:
 def open_prepared(path: str | Path) -> PreparedData:
     path = Path(path)
     if not path.exists():
-        raise DatasetError(f"{path}: prepared data store missing; run `ckaflow prepare` first")
+        raise DatasetError(f"{path}: prepared data store missing; run `ckaflow prepare-data` first")
     try:
         group = open_store(path, kind="ckaflow.data").group
     except StoreError as err:

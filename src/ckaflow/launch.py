@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ckaflow.config import schema_defaults, stable_hash
+from ckaflow.config import schema_defaults, stable_hash, to_jsonable
 from ckaflow.errors import CkaflowError
 from ckaflow.killpoints import kill_point
 from ckaflow.provenance import atomic_path
@@ -43,9 +43,10 @@ ACTIVE = {
 }
 RECORDS = Path(Study.slurm_records())
 # Arguments of a stage that change how it runs, never what it writes: with the SLURM settings
-# they are left out of a job's identity (training's checkpoint policy, the Gram stage's flush
-# interval), so changing them never makes a second job for one output.
-EXECUTION_KWARGS = ("policy", "flush_s", "device")
+# they are left out of a job's identity (training's checkpoint policy, as the stage's setting
+# `checkpoint` or train_run's `policy`; the Gram stage's flush interval), so changing them never
+# makes a second job for one output.
+EXECUTION_KWARGS = ("policy", "checkpoint", "flush_s", "device")
 CANCEL_WAIT_S = 300.0  # how long a cancelled job may take to end before the stage gives up
 
 
@@ -286,7 +287,7 @@ def _run_slurm(
 
     spec = slurm or SlurmSpec()
     result_kwargs = {k: v for k, v in kwargs.items() if k not in EXECUTION_KWARGS}
-    identity = stable_hash([stage, fn.__module__, fn.__qualname__, result_kwargs])
+    identity = stable_hash([stage, fn.__module__, fn.__qualname__, to_jsonable(result_kwargs)])
     execution = json.loads(
         json.dumps(
             {"slurm": asdict(spec), **{k: kwargs[k] for k in EXECUTION_KWARGS if k in kwargs}},

@@ -94,6 +94,11 @@ class CkaSpec:
     cache: str  # each comparison's table, reused while its inputs are unchanged
 
 
+@dataclass(frozen=True)
+class TablesSpec:
+    config_hash: str  # of the specs the CKA table's numbers depend on (`Study.tables_spec`)
+
+
 class Study:
     """The validated config, seen as the set of artifacts it implies."""
 
@@ -222,7 +227,7 @@ class Study:
             cache=self.cka_cache(),
         )
 
-    def tables_spec(self) -> dict:
+    def tables_spec(self) -> TablesSpec:
         """The CKA table records a hash of what its numbers depend on: the specs of the stages
         upstream of it (how many layers a full-data CKA job holds at once, and which comparisons
         are made, change no number and are left out; an imported run enters by its checkpoint's
@@ -236,7 +241,7 @@ class Study:
             [cfg.to_jsonable(self.gram_spec(side)) for side in sides],
             cka,
         ]
-        return {"config_hash": cfg.stable_hash(upstream)}
+        return TablesSpec(cfg.stable_hash(upstream))
 
     def claims_spec(self) -> dict:
         """How the claims are judged: the summary's parameters."""

@@ -65,6 +65,8 @@ def partition_digest(blocks: list[np.ndarray]) -> str:
 
 def check_passes(passes: int, seed=0, estimator: str = "minibatch") -> None:
     """ValueError unless `passes` partitions with permutation `seed` suit the estimator."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator: unknown {estimator!r}; expected one of {ESTIMATORS}")
     if isinstance(passes, bool) or not isinstance(passes, (int, np.integer)) or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
     if passes > 1 and (not isinstance(seed, (int, np.integer)) or seed < 0):

@@ -1,2 +1,232 @@
-"""The workflow's stages, one module per Snakemake rule: each takes its spec, its input paths
-and its output path, and writes its artifact whole or not at all."""
+"""The workflow's stages, one module per Snakemake rule, and the one table that joins them.
+
+Each stage module `ckaflow.stages.<rule>` has `run(spec, <paths>, out, ...)`: its typed spec
+(built by `ckaflow.study.Study`), its input paths and its output path; it writes its artifact
+whole or not at all. `STAGES` says, per rule, which spec, which paths and which run-time
+settings the stage takes; the command line (`ckaflow.cli`: one subcommand per rule) and the
+rules' shell commands (`rules/common.smk`) are both generated from it. Adding a stage means a
+rule, a module here, a spec in `Study` and a line in `STAGES`.
+
+Importing this package costs no torch: `ckaflow --help` and Snakemake's parsing stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from types import ModuleType
+from typing import Any
+
+from ckaflow import config, study
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a stage runs, never what it computes (so no spec field and no rule param): a flag
+    whose default is the environment variable the workflow sets from the config."""
+
+    name: str  # run()'s keyword; the flag is --<name with '-'>
+    env: str | None
+    default: Any
+    help: str
+    parse: Callable[[str], Any] = str
+    choices: tuple[str, ...] | None = None
+
+    def value(self) -> Any:
+        """The default: the environment's value when set, else `default`."""
+        raw = os.environ.get(self.env) if self.env else None
+        return self.default if raw is None else self.parse(raw)
+
+
+DEVICE = Setting(
+    "device", "CKAFLOW_DEVICE", "auto", "torch device", choices=config.schema_enum("device")
+)
+THREADS = Setting("threads", None, None, "CPU threads for torch (the rule's threads)", int)
+BACKEND = Setting(
+    "backend", "CKAFLOW_BACKEND", "local", "run here or as a SLURM job", choices=("local", "slurm")
+)
+SLURM = Setting("slurm", "CKAFLOW_SLURM", None, "JSON: the config's `slurm` section", json.loads)
+CHECKPOINT = Setting(
+    "checkpoint",
+    "CKAFLOW_CHECKPOINT",
+    {},
+    "JSON: how often training checkpoints {every_min, every_steps} (the config's checkpoint)",
+    json.loads,
+)
+FLUSH_S = Setting(
+    "flush_s", "CKAFLOW_FLUSH_S", 60.0, "seconds between writes of finished blocks", float
+)
+DATA_ROOT = Setting(
+    "root", "CKAFLOW_DATA_ROOT", None, "folder of the data set's files (the config's data.root)"
+)
+# the stage runs in this process (local) or as a SLURM job; SlurmSpec picks its resources
+LAUNCHED = (THREADS, BACKEND, SLURM)
+
+
+# A spec parser takes the JSON value and returns the stage's typed spec, raising ConfigError
+# (or TypeError, KeyError: wrong fields); its `expected` says what it takes, for help and errors.
+def _parser(parse: Callable[[Any], Any], expected: str) -> Callable[[Any], Any]:
+    parse.expected = expected
+    return parse
+
+
+def typed(cls: type) -> Callable[[dict], Any]:
+    """A spec dataclass from its JSON object."""
+    names = ", ".join(f.name for f in fields(cls))
+    return _parser(lambda value: cls(**value), f"{cls.__name__}: JSON with {names}")
+
+
+def section(name: str) -> Callable[[dict], dict]:
+    """A spec that is a config section as it stands (evaluate, claims, plots), passed on as the
+    library function's keywords."""
+
+    def parse(value: dict) -> dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+        return value
+
+    return _parser(parse, f"a JSON object: the config's {name} section")
+
+
+@dataclass(frozen=True)
+class Stage:
+    rule: str  # the Snakemake rule and the module ckaflow.stages.<rule>
+    help: str
+    spec: Callable[[dict], Any] | None  # JSON -> the typed spec (None: the stage has none)
+    paths: dict[str, str]  # run()'s path keywords -> the rule's placeholder; `out` is the output
+    many: tuple[str, ...] = ()  # path keywords that take several paths
+    optional: tuple[str, ...] = ()  # path keywords one may leave out by hand
+    view: bool = False  # one eval view per job (the rule's {wildcards.view})
+    settings: tuple[Setting, ...] = ()
+
+    @property
+    def command(self) -> str:
+        return self.rule.replace("_", "-")
+
+    @property
+    def launched(self) -> bool:
+        return BACKEND in self.settings
+
+    def module(self) -> ModuleType:
+        return importlib.import_module(f"{__name__}.{self.rule}")
+
+    def shell(self) -> str:
+        """The rule's command: the spec, the paths, the view and the threads, nothing else."""
+        words = ["ckaflow", self.command]
+        if self.spec is not None:
+            words += ["--spec", "{params.spec}"]
+        for name, placeholder in self.paths.items():
+            words += [flag(name), placeholder]
+        if self.view:
+            words += ["--view", "{wildcards.view}"]
+        if THREADS in self.settings:
+            words += ["--threads", "{threads}"]
+        return " ".join(words)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+STAGES = {
+    stage.rule: stage
+    for stage in (
+        Stage(
+            "prepare_data",
+            "prepare the data store (subsets and eval views clean/aug1/aug2)",
+            typed(study.PrepareSpec),
+            {"out": "{output}"},
+            settings=(DATA_ROOT,),
+        ),
+        Stage(
+            "train",
+            "train one run (resumes from its checkpoint)",
+            typed(study.TrainSpec),
+            {"data": "{input.data}", "out": "{params.out_dir}"},
+            settings=(DEVICE, CHECKPOINT, *LAUNCHED),
+        ),
+        Stage(
+            "import_run",
+            "a checkpoint trained elsewhere as a run's model.pt",
+            _parser(config.run_spec_from_dict, "RunSpec: JSON of the imported run"),
+            {"data": "{input.data}", "out": "{output.model}"},
+        ),
+        Stage(
+            "evaluate",
+            "linear probes of a run, trained or imported, at every layer",
+            section("evaluate"),
+            {"model": "{input.model}", "data": "{input.data}", "out": "{output}"},
+            settings=(DEVICE, *LAUNCHED),
+        ),
+        Stage(
+            "run_tables",
+            "training, probes and runs tables of the runs",
+            None,
+            {"runs": "{params.runs}", "out": "{params.out_dir}"},
+            many=("runs",),
+        ),
+        Stage(
+            "extract",
+            "store the selected activations of a run on one view, to look at",
+            typed(study.ExtractSpec),
+            {"model": "{input.model}", "data": "{input.data}", "out": "{output}"},
+            view=True,
+            settings=(DEVICE, *LAUNCHED),
+        ),
+        Stage(
+            "gram",
+            "Gram statistics of every compared layer of a run on one view, from its forward pass",
+            typed(study.GramSpec),
+            {"model": "{input.model}", "data": "{input.data}", "out": "{output}"},
+            view=True,
+            settings=(DEVICE, FLUSH_S, *LAUNCHED),
+        ),
+        Stage(
+            "gram_labels",
+            "Gram statistics of the one-hot eval labels (class structure)",
+            typed(study.GramSpec),
+            {"data": "{input}", "out": "{output}"},
+        ),
+        Stage(
+            "cka",
+            "CKA of every layer pair of every comparison, each Gram store read once",
+            typed(study.CkaSpec),
+            {"out": "{output}"},
+            settings=LAUNCHED,
+        ),
+        Stage(
+            "merge_tables",
+            "the CKA job's table into the tidy table, checked and stamped with the config hash",
+            typed(study.TablesSpec),
+            {"tables": "{input}", "out": "{output.parquet}"},
+            many=("tables",),
+        ),
+        Stage(
+            "figures",
+            "heatmaps, curves against depth and probe accuracy (PNG and PDF)",
+            section("plots"),
+            {"cka": "{input.cka}", "probes": "{input.probes}", "out": "{params.out_dir}"},
+            optional=("probes",),
+        ),
+        Stage(
+            "summary",
+            "the paper's claims, each a sentence with this study's numbers and a verdict",
+            section("claims"),
+            {
+                "cka": "{input.cka}",
+                "probes": "{input.probes}",
+                "claims": "{output.claims}",
+                "out": "{output.summary}",
+            },
+            optional=("probes", "claims"),
+        ),
+    )
+}
+
+
+def stage_call(stage: Stage, spec: Any, paths: dict, settings: dict) -> dict:
+    """run()'s keyword arguments: the spec, the paths, the view and the settings it takes."""
+    return {**({"spec": spec} if stage.spec is not None else {}), **paths, **settings}

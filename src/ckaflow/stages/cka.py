@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from ckaflow.config import stable_hash
-from ckaflow.errors import ComparisonError
+from ckaflow.errors import ComparisonError, ConfigError
+from ckaflow.study import CkaSpec
 
 
 @dataclass(frozen=True)
@@ -56,15 +57,20 @@ class Pair:
 
     @classmethod
     def from_dict(cls, d: dict) -> Pair:
-        rows, cols = d.get("rows"), d.get("cols")
-        return cls(
-            d["id"],
-            d["kind"],
-            d["a"],
-            d["b"],
-            range(*rows) if rows else None,
-            range(*cols) if cols else None,
-        )
+        try:
+            rows, cols = d.get("rows"), d.get("cols")
+            return cls(
+                d["id"],
+                d["kind"],
+                d["a"],
+                d["b"],
+                range(*rows) if rows else None,
+                range(*cols) if cols else None,
+            )
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(
+                f"a comparison needs id, kind, a and b (Gram store paths), got {d!r}: {err!r}"
+            ) from None
 
 
 def _run_columns(attrs: dict, suffix: str) -> dict:
@@ -352,3 +358,17 @@ def compute_comparisons(
         f"statistics in {time.monotonic() - t0:.1f} s"
     )
     return out
+
+
+def run(spec: CkaSpec, out: str | Path) -> Path:
+    """The rule's call: every comparison of the study (`Study.cka_spec`), one table at `out`."""
+    compute_comparisons(
+        list(spec.comparisons),
+        str(out),
+        spec.estimator,
+        bootstrap=spec.bootstrap,
+        seed=spec.seed,
+        tile_layers=spec.tile_layers,
+        cache=spec.cache,
+    )
+    return Path(out)

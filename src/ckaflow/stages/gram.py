@@ -20,7 +20,7 @@ Full-data estimators (linear, debiased, rbf) need every pair of examples, so the
 assembled from a layer's rows held in memory: layers are taken in groups whose float32 rows fit
 `memory_bytes`, one forward pass over all examples per group.
 
-Both give the bits of the store-then-Gram path (`ckaflow gram --source`) on float32 values,
+Both give the bits of the store-then-Gram path (`gram_store`) on float32 values,
 because both call the same block code (`grams.block_gram`, `grams.gram_stats`).
 
 Resuming: the store is built under `.<name>.partial` with the call's hash; statistics are
@@ -55,6 +55,7 @@ from ckaflow.gram_stores import (
 from ckaflow.killpoints import kill_point, torn_write_point
 from ckaflow.provenance import provenance, replace_into_place
 from ckaflow.store import ChunkPaths, open_partial, open_store, partial_path
+from ckaflow.study import GramSpec
 
 # Full-data estimators: float32 rows of a group of layers held at once (see module docstring).
 MEMORY_BYTES = 2 * 2**30
@@ -405,3 +406,32 @@ def gram_store(
     keep = ("run", "run_spec", "view", "layers", "example_ids", "model_spec_hash")
     attrs = {k: store.attrs[k] for k in keep}
     return write_gram_store(Path(out), stats, {**attrs, "source": str(store.path)})
+
+
+def run(
+    spec: GramSpec,
+    model: str | Path,
+    data: str | Path,
+    view: str,
+    out: str | Path,
+    device: str = "auto",
+    flush_s: float = FLUSH_SECONDS,
+) -> Path:
+    """The rule's call: `fused_gram_store` with the spec's settings (an unset precision or
+    memory format: the forward pass's own choice)."""
+    return fused_gram_store(
+        model,
+        data,
+        view,
+        out,
+        estimator=spec.estimator,
+        batch_size=spec.batch_size,
+        passes=spec.passes,
+        seed=spec.seed,
+        layers=None if spec.layers is None else list(spec.layers),
+        examples=spec.examples,
+        precision=spec.precision or "auto",
+        channels_last="auto" if spec.channels_last is None else spec.channels_last,
+        device=device,
+        flush_s=flush_s,
+    )

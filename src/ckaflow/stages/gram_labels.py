@@ -8,6 +8,7 @@ from pathlib import Path
 from ckaflow.cka.estimators import one_hot
 from ckaflow.gram_stores import _stats, check_passes_config, write_gram_store
 from ckaflow.layers import label_layer
+from ckaflow.study import GramSpec
 
 
 def label_gram_store(
@@ -38,3 +39,16 @@ def label_gram_store(
         "source": str(data_path),
     }
     return write_gram_store(Path(out), stats, attrs)
+
+
+def run(spec: GramSpec, data: str | Path, out: str | Path) -> Path:
+    """The rule's call: the labels' blocks, passes and seed are every run's (`Study.gram_spec`)."""
+    return label_gram_store(
+        data,
+        out,
+        estimator=spec.estimator,
+        batch_size=spec.batch_size,
+        examples=spec.examples,
+        passes=spec.passes,
+        seed=spec.seed,
+    )

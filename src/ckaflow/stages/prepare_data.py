@@ -1,0 +1,24 @@
+"""The `prepare_data` stage: subsets of the real data set and the eval views clean, aug1 and
+aug2, as uint8 images in one Zarr store (`ckaflow.data.prepare`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ckaflow import config
+from ckaflow.study import PrepareSpec
+
+
+def run(spec: PrepareSpec, out: str | Path, root: str | None = None) -> Path:
+    """`root`: where the data set's files are (no part of the spec: moving them reruns nothing);
+    by hand, `data.root` in the spec does as well."""
+    data = dict(spec.data)
+    if root is not None:
+        data["root"] = root
+    if "root" not in data:
+        raise config.ConfigError(
+            "prepare-data needs the data set's folder: --root, $CKAFLOW_DATA_ROOT or data.root"
+        )
+    from ckaflow.data import prepare
+
+    return prepare(config.DataSpec(**data), config.augment_spec_from_dict(spec.augment), out)
