@@ -4,6 +4,7 @@ import re
 import shlex
 from dataclasses import asdict, is_dataclass
 
+from ckaflow.figure_registry import FAMILY
 from ckaflow.stages import STAGES
 
 
@@ -54,4 +55,4 @@ def figure_caption(path):
 
 
 def figure_category(path):
-    return REPORT_CATEGORIES[STUDY.figure_families[path]]
+    return FAMILY[STUDY.figure_families[path]].category

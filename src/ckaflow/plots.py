@@ -2,7 +2,8 @@
 
 Every figure is drawn by a `draw_*` function that returns the matplotlib Figure (so that tests
 can read its ticks and data back) and saved by a thin wrapper of the same name without `draw_`;
-`draw_all` yields every figure the tables support with its file name, which `plot_all` saves.
+each figure family of `ckaflow.figure_registry` has a generator here (`within_figures`...) that
+yields its figures with their file names; `draw_all` runs them all and `plot_all` saves them.
 
 Layer axes: rows, columns and points sit at the position of their layer among the layers the
 figure draws (0..k-1, in forward order), never at the layer's index in the full registry, so a
@@ -33,8 +34,13 @@ import pandas as pd  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
 from ckaflow.config import method_name  # noqa: E402
+from ckaflow.figure_registry import (  # noqa: E402
+    CROSS_PARTS,
+    FAMILIES,
+    FIGURE_FORMATS,
+    figure_name,
+)
 from ckaflow.provenance import atomic_path  # noqa: E402
-from ckaflow.study import FIGURE_FORMATS, figure_name  # noqa: E402
 from ckaflow.tables import read_table  # noqa: E402
 
 EVERY_LAYER_MAX = 20  # up to this many drawn layers, every one gets a tick
@@ -639,44 +645,71 @@ def plot_all(
         return _plot_all(table, out_dir, probes)
 
 
-CROSS_SUBSETS = (  # (figure name part, layer kind of both sides, what the title calls them)
-    ("odd", "residual", "Residual-branch"),
-    ("even", "out", "Post-residual"),
-)
+# -- one drawing generator per figure family (`ckaflow.figure_registry`) --------------------
+# Each takes the tidy CKA table and the probes table (or None) and yields (name, Figure) for
+# every figure of its family the tables support.
 
 
-def draw_all(frame: pd.DataFrame, probes: pd.DataFrame | None = None) -> Iterator[tuple]:
-    """Every figure the tables support, one at a time (a caller saves and closes each before
-    the next is drawn): (its name, by `study.figure_name`; the Figure)."""
+def within_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
     for _, group in frame[frame["kind"] == "within"].groupby("comparison"):
         run, view = group["run_a"].iloc[0], group["view_a"].iloc[0]
         title = f"Within-model CKA: {run} ({view})"
         yield figure_name("within", run, view), draw_heatmap(group, title)
-    cross = frame[frame["kind"] == "cross"]
-    for _, group in cross.groupby("comparison"):
-        run_a, run_b = group["run_a"].iloc[0], group["run_b"].iloc[0]
+
+
+def _cross_groups(frame: pd.DataFrame) -> Iterator[tuple]:
+    for _, group in frame[frame["kind"] == "cross"].groupby("comparison"):
+        yield group["run_a"].iloc[0], group["run_b"].iloc[0], group
+
+
+def cross_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
+    for run_a, run_b, group in _cross_groups(frame):
         title = f"Cross-model CKA: {run_a} vs {run_b}"
         yield figure_name("cross", run_a, run_b, ""), draw_heatmap(group, title)
-        for part, kind, what in CROSS_SUBSETS:
+
+
+def cross_part_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
+    for run_a, run_b, group in _cross_groups(frame):
+        for part, kind, what in CROSS_PARTS:
             sub = group[(group["layer_kind_a"] == kind) & (group["layer_kind_b"] == kind)]
             if sub.empty:  # a side without such layers (an imported module): no figure
                 continue
             title = f"{what} ({part}) layers: {run_a} vs {run_b}"
             yield figure_name("cross", run_a, run_b, part), draw_heatmap(sub, title)
+
+
+def cross_diagonal_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
     # the diagonal pairs a layer with its namesake: ResNets only (not imported modules)
+    cross = frame[frame["kind"] == "cross"]
     resnets = cross[(cross["layer_kind_a"] != "module") & (cross["layer_kind_b"] != "module")]
     if len(resnets):
         yield figure_name("cross-diagonal"), draw_cross_diagonal(resnets)
+
+
+def invariance_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
     invariance = frame[(frame["kind"] == "invariance") & (frame["layer_a"] == frame["layer_b"])]
     if len(invariance):
         title, ylabel = "Augmentation invariance per layer", "CKA between views"
         yield figure_name("invariance"), draw_depth_curves(invariance, title, ylabel)
+
+
+def class_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
     classes = frame[frame["kind"] == "class"]
     if len(classes):
         title, ylabel = "Class structure per layer", "CKA(layer, one-hot labels)"
         yield figure_name("class"), draw_depth_curves(classes, title, ylabel)
+
+
+def probe_figures(frame: pd.DataFrame, probes) -> Iterator[tuple]:
     if probes is not None:
         yield figure_name("probes"), draw_probe_curves(probes)
+
+
+def draw_all(frame: pd.DataFrame, probes: pd.DataFrame | None = None) -> Iterator[tuple]:
+    """Every figure the tables support, family by family (`figure_registry.FAMILIES`), one at a
+    time (a caller saves and closes each before the next is drawn): (its name; the Figure)."""
+    for family in FAMILIES:
+        yield from globals()[family.draw](frame, probes)
 
 
 def _plot_all(table, out_dir, probes) -> list[Path]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ckaflow import config as cfg
 from ckaflow.errors import ConfigError
+from ckaflow.figure_registry import FAMILIES, FIGURE_FORMATS
 from ckaflow.layers import Layer, label_layer, layer_registry, module_registry, select_layers
 
 RESULTS = "results"
@@ -409,7 +410,7 @@ class Study:
         so that a rerun computes only the comparisons whose stores or settings changed."""
         return f"{RESULTS}/cka/comparisons"
 
-    def _any_module(self, c: Comparison) -> bool:
+    def any_module(self, c: Comparison) -> bool:
         """Whether a side of the comparison is a network imported as any module."""
         return any(
             not side.is_labels
@@ -424,62 +425,11 @@ class Study:
 
     @cached_property
     def figure_families(self) -> dict[str, str]:
-        """Each figure's path -> its family, whose caption in the report is
-        workflow/report/<family>.rst (and category `REPORT_CATEGORIES[family]`)."""
-        named = []  # (name, family)
-        for c in self.comparisons.values():
-            if c.kind == "within":
-                named.append((figure_name("within", c.a.run, c.a.view), "within"))
-            if c.kind == "cross":  # odd and even parts where both sides have such layers
-                shared = {la.kind for la in self.layers(c.a)} & {la.kind for la in self.layers(c.b)}
-                named += [
-                    (
-                        figure_name("cross", c.a.run, c.b.run, part),
-                        "cross-odd-even" if part else "cross",
-                    )
-                    for part, kind in CROSS_PARTS
-                    if kind is None or kind in shared
-                ]
-        kinds = {c.kind for c in self.comparisons.values()}
-        if not any(
-            c.kind == "cross" and not self._any_module(c) for c in self.comparisons.values()
-        ):
-            kinds.discard("cross")  # the diagonal pairs ResNet layers with their namesakes
-        named += [
-            (figure_name(summary), summary) for kind, summary in SUMMARY_FIGURES if kind in kinds
-        ]
-        named.append((figure_name("probes"), "probes"))
+        """Each figure's path -> its family (`ckaflow.figure_registry`), whose caption in the
+        report is workflow/report/<family>.rst."""
         return {
-            f"{Study.FIGURES}/{name}.{ext}": family
-            for name, family in named
+            f"{Study.FIGURES}/{name}.{ext}": family.name
+            for family in FAMILIES
+            for name in family.planned(self)
             for ext in FIGURE_FORMATS
         }
-
-
-# Figure names: the one place they are spelled (Study lists them, plots writes them).
-FIGURE_FORMATS = ("png", "pdf")
-# all layers; residual-branch (odd) and post-residual (even) layers: (part, layer kind)
-CROSS_PARTS = (("", None), ("odd", "residual"), ("even", "out"))
-SUMMARY_FIGURES = (("cross", "cross-diagonal"), ("invariance", "invariance"), ("class", "class"))
-# the report's category of each figure family (`Study.figure_families`)
-REPORT_CATEGORIES = {
-    "within": "Within-model CKA",
-    "cross": "Cross-model CKA",
-    "cross-odd-even": "Cross-model CKA",
-    "cross-diagonal": "Cross-model CKA",
-    "invariance": "Invariance and class structure",
-    "class": "Invariance and class structure",
-    "probes": "Linear probes",
-}
-
-
-def figure_name(kind: str, *parts: str) -> str:
-    """within-<run>.<view>; cross[-odd|-even]-<a>-vs-<b>; or cross-diagonal, invariance,
-    class, probes."""
-    if kind == "within":
-        run, view = parts
-        return f"within-{run}.{view}"
-    if kind == "cross":
-        run_a, run_b, part = parts
-        return f"cross{'-' + part if part else ''}-{run_a}-vs-{run_b}"
-    return kind
