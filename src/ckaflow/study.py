@@ -84,6 +84,13 @@ class GramSpec:
     precision: str | None = None
     channels_last: bool | str | None = None
 
+    def blocks(self) -> dict:
+        """How the examples are cut into blocks: the same for every side of a study, the
+        labels included (the Gram functions' keywords of the same names)."""
+        return {
+            k: getattr(self, k) for k in ("estimator", "batch_size", "passes", "seed", "examples")
+        }
+
 
 @dataclass(frozen=True)
 class CkaSpec:

@@ -41,21 +41,21 @@ class Setting:
         return self.default if raw is None else self.parse(raw)
 
 
-DEVICE = Setting(
-    "device", "CKAFLOW_DEVICE", "auto", "torch device", choices=config.schema_enum("device")
+def _config_key(key: str, env: str, help: str, parse=str) -> Setting:
+    """A setting that is a config key: its default and choices are the schema's."""
+    node = config.schema_node(key)
+    return Setting(
+        key, env, node.get("default"), help, parse, node.get("enum") and tuple(node["enum"])
+    )
+
+
+DEVICE = _config_key("device", "CKAFLOW_DEVICE", "torch device")
+BACKEND = _config_key("backend", "CKAFLOW_BACKEND", "run here or as a SLURM job")
+SLURM = Setting("slurm", "CKAFLOW_SLURM", None, "JSON: the config's `slurm` section", json.loads)
+CHECKPOINT = _config_key(
+    "checkpoint", "CKAFLOW_CHECKPOINT", "JSON: how often training checkpoints", json.loads
 )
 THREADS = Setting("threads", None, None, "CPU threads for torch (the rule's threads)", int)
-BACKEND = Setting(
-    "backend", "CKAFLOW_BACKEND", "local", "run here or as a SLURM job", choices=("local", "slurm")
-)
-SLURM = Setting("slurm", "CKAFLOW_SLURM", None, "JSON: the config's `slurm` section", json.loads)
-CHECKPOINT = Setting(
-    "checkpoint",
-    "CKAFLOW_CHECKPOINT",
-    {},
-    "JSON: how often training checkpoints {every_min, every_steps} (the config's checkpoint)",
-    json.loads,
-)
 FLUSH_S = Setting(
     "flush_s", "CKAFLOW_FLUSH_S", 60.0, "seconds between writes of finished blocks", float
 )
@@ -127,6 +127,10 @@ class Stage:
         return " ".join(words)
 
 
+# a trained or imported run's network over the data store, into one output
+MODEL_STAGE_PATHS = {"model": "{input.model}", "data": "{input.data}", "out": "{output}"}
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -158,7 +162,7 @@ STAGES = {
             "evaluate",
             "linear probes of a run, trained or imported, at every layer",
             section("evaluate"),
-            {"model": "{input.model}", "data": "{input.data}", "out": "{output}"},
+            MODEL_STAGE_PATHS,
             settings=(DEVICE, *LAUNCHED),
         ),
         Stage(
@@ -172,7 +176,7 @@ STAGES = {
             "extract",
             "store the selected activations of a run on one view, to look at",
             typed(study.ExtractSpec),
-            {"model": "{input.model}", "data": "{input.data}", "out": "{output}"},
+            MODEL_STAGE_PATHS,
             view=True,
             settings=(DEVICE, *LAUNCHED),
         ),
@@ -180,7 +184,7 @@ STAGES = {
             "gram",
             "Gram statistics of every compared layer of a run on one view, from its forward pass",
             typed(study.GramSpec),
-            {"model": "{input.model}", "data": "{input.data}", "out": "{output}"},
+            MODEL_STAGE_PATHS,
             view=True,
             settings=(DEVICE, FLUSH_S, *LAUNCHED),
         ),

@@ -43,12 +43,4 @@ def label_gram_store(
 
 def run(spec: GramSpec, data: str | Path, out: str | Path) -> Path:
     """The rule's call: the labels' blocks, passes and seed are every run's (`Study.gram_spec`)."""
-    return label_gram_store(
-        data,
-        out,
-        estimator=spec.estimator,
-        batch_size=spec.batch_size,
-        examples=spec.examples,
-        passes=spec.passes,
-        seed=spec.seed,
-    )
+    return label_gram_store(data, out, **spec.blocks())
