@@ -77,8 +77,12 @@ def run_stage_command(stage: Stage, args: argparse.Namespace) -> None:
             slurm=slurm,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
-    for line in [result] if isinstance(result, str) else result if isinstance(result, list) else []:
-        print(line)
+    # what a stage says for the log: a message (merge, summary) or the files it wrote (tables,
+    # figures); a single output path is already in the command line
+    if isinstance(result, str):
+        print(result)
+    elif isinstance(result, list):
+        print(*result, sep="\n")
 
 
 def _add_stage(sub, stage: Stage) -> None:

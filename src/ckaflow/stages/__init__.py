@@ -229,8 +229,3 @@ STAGES = {
         ),
     )
 }
-
-
-def stage_call(stage: Stage, spec: Any, paths: dict, settings: dict) -> dict:
-    """run()'s keyword arguments: the spec, the paths, the view and the settings it takes."""
-    return {**({"spec": spec} if stage.spec is not None else {}), **paths, **settings}
