@@ -84,3 +84,24 @@ def test_a_malformed_cka_spec_is_an_error_naming_what_is_expected(tmp_path):
         assert "--spec is no cka spec" in result.stderr and "Traceback" not in result.stderr
         assert "comparisons, estimator, bootstrap, seed, tile_layers, cache" in result.stderr
     assert not (tmp_path / "p.parquet").exists()
+
+
+def test_each_stage_module_takes_what_its_table_line_says():
+    """run()'s keywords are the spec, the paths, the view and the settings that `STAGES` gives
+    it (the launch settings stay with the command line), and every path without a default is
+    one the command requires."""
+    import inspect
+
+    from ckaflow.stages import LAUNCHED, STAGES
+
+    for rule, stage in STAGES.items():
+        params = inspect.signature(stage.module().run).parameters
+        expected = {
+            *(["spec"] if stage.spec else []),
+            *stage.paths,
+            *(["view"] if stage.view else []),
+        }
+        expected |= {s.name for s in stage.settings if s not in LAUNCHED}
+        assert set(params) == expected, rule
+        required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
+        assert required - {"spec", "view"} == set(stage.paths) - set(stage.optional), rule
