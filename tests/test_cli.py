@@ -21,13 +21,14 @@ def test_missing_dataset_is_an_error_for_people_not_a_traceback(tmp_path):
 def test_help_lists_every_stage_by_its_rule_s_name():
     import re
 
+    from ckaflow.stages import STAGES
     from tests.conftest import REPO
 
     out = _ckaflow("--help").stdout
     listed = set(re.findall(r"\{([a-z,-]+)\}", out))  # argparse's {a,b,...} of subcommands
     assert len(listed) == 1  # the same list in the usage and under "positional arguments"
     rules = set(re.findall(r"^rule (\w+):", _all_rules(REPO), re.M)) - {"all"}
-    assert len(rules) == 12
+    assert len(rules) == len(STAGES)
     assert set(listed.pop().split(",")) == {r.replace("_", "-") for r in rules} | {
         "plan",
         "inspect",
@@ -92,7 +93,7 @@ def test_each_stage_module_takes_what_its_table_line_says():
     one the command requires."""
     import inspect
 
-    from ckaflow.stages import LAUNCHED, STAGES
+    from ckaflow.stages import CLI_ONLY, STAGES
 
     for rule, stage in STAGES.items():
         params = inspect.signature(stage.module().run).parameters
@@ -101,7 +102,41 @@ def test_each_stage_module_takes_what_its_table_line_says():
             *stage.paths,
             *(["view"] if stage.view else []),
         }
-        expected |= {s.name for s in stage.settings if s not in LAUNCHED}
+        expected |= {s.name for s in stage.settings if s not in CLI_ONLY}
         assert set(params) == expected, rule
         required = {n for n, p in params.items() if p.default is inspect.Parameter.empty}
         assert required - {"spec", "view"} == set(stage.paths) - set(stage.optional), rule
+
+
+def test_bad_settings_and_specs_are_usage_errors_not_tracebacks(tmp_path):
+    """A malformed CKAFLOW_* value is an error of the command that reads it, naming its flag
+    (other commands never parse it); a config section's spec with a key the schema lacks is
+    refused before the stage runs."""
+    env = {**ENV, "CKAFLOW_FLUSH_S": "often", "CKAFLOW_SLURM": "{not json"}
+    plan = subprocess.run(["ckaflow", "plan", "--help"], capture_output=True, text=True, env=env)
+    assert plan.returncode == 0, plan.stderr
+    args = ["--spec", "{}", "--model", "m", "--data", "d", "--view", "clean", "--out", "o"]
+    gram = subprocess.run(["ckaflow", "gram", *args], capture_output=True, text=True, env=env)
+    assert (
+        gram.returncode == 2 and "argument --flush-s: invalid float value: 'often'" in gram.stderr
+    )
+    cka = subprocess.run(["ckaflow", "cka", "--spec", "{}", "--out", "o"], capture_output=True,
+                         text=True, env=env)  # fmt: skip
+    assert cka.returncode == 2 and "argument --slurm: invalid JSON value" in cka.stderr
+    out = tmp_path / "s.md"
+    said = _ckaflow("summary", "--spec", '{"margn": 0.1}', "--cka", "c", "--out", str(out))
+    assert said.returncode == 2 and "Traceback" not in said.stderr
+    assert "unknown keys ['margn']" in said.stderr and "margin" in said.stderr
+    assert not out.exists()
+
+
+def test_a_launched_stage_s_settings_are_no_part_of_its_job_s_identity():
+    """Changing where or how a stage runs (device, checkpointing, flushing) must reattach to its
+    running SLURM job, never replace it: launch leaves these keywords out of the identity."""
+    from ckaflow.launch import EXECUTION_KWARGS
+    from ckaflow.stages import CLI_ONLY, STAGES
+
+    for stage in STAGES.values():
+        if stage.launched:
+            own = {s.name for s in stage.settings if s not in CLI_ONLY}
+            assert own <= set(EXECUTION_KWARGS), (stage.rule, own)

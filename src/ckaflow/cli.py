@@ -1,10 +1,11 @@
 """The `ckaflow` command line: one subcommand per stage, generated from `ckaflow.stages.STAGES`.
 
-`ckaflow <rule> --spec JSON --<path> PATH ... --out PATH` runs `ckaflow.stages.<rule>.run`: the
-Snakemake rules call exactly these (their shell commands come from the same table), and they work
-the same by hand. Settings of where and how a stage runs (device, backend, slurm, checkpoint,
-flush) default to the CKAFLOW_* environment the workflow sets. Heavy imports happen inside the
-stages, so that `ckaflow --help` stays fast.
+`ckaflow <rule-name> [--spec JSON] --<path> PATH ... --out PATH` runs
+`ckaflow.stages.<rule>.run` (the subcommand is the rule's name with '-'): the Snakemake rules call
+exactly these (their shell commands come from the same table), and they work the same by hand.
+Settings of where and how a stage runs (device, backend, slurm, checkpoint, flush) default to the
+CKAFLOW_* environment the workflow sets. Heavy imports happen inside the stages, so that
+`ckaflow --help` stays fast.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 import time
 
 from ckaflow.config import VIEWS
-from ckaflow.stages import LAUNCHED, STAGES, Stage, flag
+from ckaflow.stages import CLI_ONLY, STAGES, THREADS, Stage, flag
 
 # a full disk, a read-only or forbidden folder: the user's to fix, so a message, not a traceback
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
@@ -57,8 +58,11 @@ def run_stage_command(stage: Stage, args: argparse.Namespace) -> None:
     kwargs |= {name: getattr(args, name) for name in stage.paths}
     if stage.view:
         kwargs["view"] = args.view
-    own = [s for s in stage.settings if s not in LAUNCHED]
-    kwargs |= {s.name: getattr(args, s.name) for s in own}
+    own = [s for s in stage.settings if s not in CLI_ONLY]
+    # an unset setting (None) leaves run()'s own default
+    kwargs |= {s.name: getattr(args, s.name) for s in own if getattr(args, s.name) is not None}
+    if THREADS in stage.settings:
+        _set_threads(args.threads)
     fn = stage.module().run
     announce("stage:start")
     if not stage.launched:
@@ -66,7 +70,6 @@ def run_stage_command(stage: Stage, args: argparse.Namespace) -> None:
     else:
         from ckaflow.launch import SlurmSpec, run_stage
 
-        _set_threads(args.threads)
         slurm = SlurmSpec.from_config(args.slurm, stage.rule) if args.slurm else None
         result = run_stage(
             stage.rule,
@@ -85,6 +88,19 @@ def run_stage_command(stage: Stage, args: argparse.Namespace) -> None:
         print(*result, sep="\n")
 
 
+# what each path keyword of the stages is
+PATH_HELP = {
+    "data": "the data store (results/data/<name>.zarr)",
+    "model": "the run's model.pt",
+    "runs": "run folders (model.pt, metrics.parquet, probes.parquet)",
+    "tables": "the CKA job's tables",
+    "cka": "the tidy CKA table (cka.parquet)",
+    "probes": "the probes table (probes.parquet)",
+    "claims": "the claims table (parquet, and CSV beside it)",
+    "out": "the stage's output",
+}
+
+
 def _add_stage(sub, stage: Stage) -> None:
     """The subcommand of one stage, from its line in `STAGES`."""
     p = sub.add_parser(stage.command, help=stage.help, description=stage.help)
@@ -97,7 +113,7 @@ def _add_stage(sub, stage: Stage) -> None:
             dest=name,
             required=name not in stage.optional,
             nargs="+" if name in stage.many else None,
-            help="output path" if name == "out" else "input path" + ("s" * (name in stage.many)),
+            help=PATH_HELP[name] + (" (written)" if name in stage.outputs else ""),
         )
     if stage.view:
         p.add_argument("--view", required=True, choices=VIEWS, help="the eval view")

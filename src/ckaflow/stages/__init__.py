@@ -25,20 +25,29 @@ from ckaflow import config, study
 
 @dataclass(frozen=True)
 class Setting:
-    """How a stage runs, never what it computes (so no spec field and no rule param): a flag
-    whose default is the environment variable the workflow sets from the config."""
+    """How a stage runs, never what it computes (so in no spec, and no param of its rule): a
+    flag whose default is the environment variable the workflow sets from the config. Settings
+    in `CLI_ONLY` are the command line's; the others are keywords of the stage's run()."""
 
-    name: str  # run()'s keyword; the flag is --<name with '-'>
+    name: str  # the flag is --<name with '-'>
     env: str | None
-    default: Any
+    default: Any  # None: run()'s own default
     help: str
     parse: Callable[[str], Any] = str
     choices: tuple[str, ...] | None = None
 
     def value(self) -> Any:
-        """The default: the environment's value when set, else `default`."""
+        """The default: the environment's text when set (argparse parses it like a flag's, so a
+        bad value is a usage error of the command that reads it), else `default`."""
         raw = os.environ.get(self.env) if self.env else None
-        return self.default if raw is None else self.parse(raw)
+        return self.default if raw is None else raw
+
+
+def json_value(text: str) -> Any:
+    return json.loads(text)
+
+
+json_value.__name__ = "JSON"  # argparse's "invalid JSON value: ..."
 
 
 def _config_key(key: str, env: str, help: str, parse=str) -> Setting:
@@ -51,19 +60,25 @@ def _config_key(key: str, env: str, help: str, parse=str) -> Setting:
 
 DEVICE = _config_key("device", "CKAFLOW_DEVICE", "torch device")
 BACKEND = _config_key("backend", "CKAFLOW_BACKEND", "run here or as a SLURM job")
-SLURM = Setting("slurm", "CKAFLOW_SLURM", None, "JSON: the config's `slurm` section", json.loads)
+SLURM = Setting("slurm", "CKAFLOW_SLURM", None, "JSON: the config's `slurm` section", json_value)
 CHECKPOINT = _config_key(
-    "checkpoint", "CKAFLOW_CHECKPOINT", "JSON: how often training checkpoints", json.loads
+    "checkpoint", "CKAFLOW_CHECKPOINT", "JSON: how often training checkpoints", json_value
 )
-THREADS = Setting("threads", None, None, "CPU threads for torch (the rule's threads)", int)
+THREADS = Setting("threads", None, None, "CPU threads for torch (the rule passes its threads)", int)
 FLUSH_S = Setting(
-    "flush_s", "CKAFLOW_FLUSH_S", 60.0, "seconds between writes of finished blocks", float
+    "flush_s",
+    "CKAFLOW_FLUSH_S",
+    None,
+    "seconds between writes of finished blocks (unset: stages.gram.FLUSH_SECONDS)",
+    float,
 )
 DATA_ROOT = Setting(
     "root", "CKAFLOW_DATA_ROOT", None, "folder of the data set's files (the config's data.root)"
 )
 # the stage runs in this process (local) or as a SLURM job; SlurmSpec picks its resources
-LAUNCHED = (THREADS, BACKEND, SLURM)
+LAUNCHED = (BACKEND, SLURM)
+# read by the command line, not passed to run()
+CLI_ONLY = (THREADS, *LAUNCHED)
 
 
 # A spec parser takes the JSON value and returns the stage's typed spec, raising ConfigError
@@ -83,12 +98,16 @@ def section(name: str) -> Callable[[dict], dict]:
     """A spec that is a config section as it stands (evaluate, claims, plots), passed on as the
     library function's keywords."""
 
+    keys = tuple(config.schema_node(name)["properties"])
+
     def parse(value: dict) -> dict:
         if not isinstance(value, dict):
             raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+        if unknown := sorted(set(value) - set(keys)):
+            raise KeyError(f"unknown keys {unknown}")
         return value
 
-    return _parser(parse, f"a JSON object: the config's {name} section")
+    return _parser(parse, f"a JSON object with some of {', '.join(keys)} (config {name})")
 
 
 @dataclass(frozen=True)
@@ -96,7 +115,8 @@ class Stage:
     rule: str  # the Snakemake rule and the module ckaflow.stages.<rule>
     help: str
     spec: Callable[[dict], Any] | None  # JSON -> the typed spec (None: the stage has none)
-    paths: dict[str, str]  # run()'s path keywords -> the rule's placeholder; `out` is the output
+    paths: dict[str, str]  # run()'s path keywords -> the rule's placeholder
+    outputs: tuple[str, ...] = ("out",)  # the path keywords that are written
     many: tuple[str, ...] = ()  # path keywords that take several paths
     optional: tuple[str, ...] = ()  # path keywords one may leave out by hand
     view: bool = False  # one eval view per job (the rule's {wildcards.view})
@@ -150,7 +170,7 @@ STAGES = {
             "train one run (resumes from its checkpoint)",
             typed(study.TrainSpec),
             {"data": "{input.data}", "out": "{params.out_dir}"},
-            settings=(DEVICE, CHECKPOINT, *LAUNCHED),
+            settings=(DEVICE, CHECKPOINT, THREADS, *LAUNCHED),
         ),
         Stage(
             "import_run",
@@ -163,7 +183,7 @@ STAGES = {
             "linear probes of a run, trained or imported, at every layer",
             section("evaluate"),
             MODEL_STAGE_PATHS,
-            settings=(DEVICE, *LAUNCHED),
+            settings=(DEVICE, THREADS, *LAUNCHED),
         ),
         Stage(
             "run_tables",
@@ -178,7 +198,7 @@ STAGES = {
             typed(study.ExtractSpec),
             MODEL_STAGE_PATHS,
             view=True,
-            settings=(DEVICE, *LAUNCHED),
+            settings=(DEVICE, THREADS, *LAUNCHED),
         ),
         Stage(
             "gram",
@@ -186,7 +206,7 @@ STAGES = {
             typed(study.GramSpec),
             MODEL_STAGE_PATHS,
             view=True,
-            settings=(DEVICE, FLUSH_S, *LAUNCHED),
+            settings=(DEVICE, FLUSH_S, THREADS, *LAUNCHED),
         ),
         Stage(
             "gram_labels",
@@ -199,7 +219,7 @@ STAGES = {
             "CKA of every layer pair of every comparison, each Gram store read once",
             typed(study.CkaSpec),
             {"out": "{output}"},
-            settings=LAUNCHED,
+            settings=(THREADS, *LAUNCHED),
         ),
         Stage(
             "merge_tables",
@@ -225,6 +245,7 @@ STAGES = {
                 "claims": "{output.claims}",
                 "out": "{output.summary}",
             },
+            outputs=("claims", "out"),
             optional=("probes", "claims"),
         ),
     )

@@ -11,14 +11,9 @@ from ckaflow.study import PrepareSpec
 
 def run(spec: PrepareSpec, out: str | Path, root: str | None = None) -> Path:
     """`root`: where the data set's files are (no part of the spec: moving them reruns nothing);
-    by hand, `data.root` in the spec does as well."""
+    unset: `data.root` of the spec when it has one (by hand), else the config's default."""
     data = dict(spec.data)
-    if root is not None:
-        data["root"] = root
-    if "root" not in data:
-        raise config.ConfigError(
-            "prepare-data needs the data set's folder: --root, $CKAFLOW_DATA_ROOT or data.root"
-        )
+    data["root"] = root or data.get("root") or config.schema_node("data.root")["default"]
     from ckaflow.data import prepare
 
     return prepare(config.DataSpec(**data), config.augment_spec_from_dict(spec.augment), out)

@@ -13,7 +13,7 @@ def run(
     spec: TrainSpec, data: str | Path, out: str | Path, device: str = "auto", checkpoint=None
 ) -> Path:
     """`out`: the run's folder (model.pt, metrics.parquet, checkpoint.pt); `checkpoint`: how
-    often to checkpoint ({every_min, every_steps}; default every 10 minutes)."""
+    often to checkpoint ({every_min, every_steps}; unset: `CheckpointPolicy`'s default)."""
     from ckaflow.train.loop import CheckpointPolicy, train_run
 
     return train_run(
