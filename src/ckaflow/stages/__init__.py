@@ -97,7 +97,6 @@ def typed(cls: type) -> Callable[[dict], Any]:
 def section(name: str) -> Callable[[dict], dict]:
     """A spec that is a config section as it stands (evaluate, claims, plots), passed on as the
     library function's keywords."""
-
     keys = tuple(config.schema_node(name)["properties"])
 
     def parse(value: dict) -> dict:
@@ -112,6 +111,8 @@ def section(name: str) -> Callable[[dict], dict]:
 
 @dataclass(frozen=True)
 class Stage:
+    """A stage's line in the table: what its command takes and its rule passes."""
+
     rule: str  # the Snakemake rule and the module ckaflow.stages.<rule>
     help: str
     spec: Callable[[dict], Any] | None  # JSON -> the typed spec (None: the stage has none)
