@@ -98,7 +98,7 @@ def test_a_read_only_results_folder_gives_a_clear_error(tmp_path, fashion_root):
             '{"data": {"name": "fashion-mnist", "root": "' + str(fashion_root) + '",'
             ' "train_size": 64, "eval_size": 32, "seed": 0}, "augment": {"crop_scale":'
             ' [0.08, 1.0], "flip_p": 0.5, "jitter_strength": 0.5, "jitter_p": 0.8,'
-            ' "grayscale_p": 0.2}, "chunk_rows": 16}'
+            ' "grayscale_p": 0.2}}'
         )
         out = folder / "d.zarr"
         cmd = [str(BIN / "ckaflow"), "prepare-data", "--spec", spec, "--out", str(out)]
