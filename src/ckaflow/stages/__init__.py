@@ -84,6 +84,7 @@ CLI_ONLY = (THREADS, *LAUNCHED)
 # A spec parser takes the JSON value and returns the stage's typed spec, raising ConfigError
 # (or TypeError, KeyError: wrong fields); its `expected` says what it takes, for help and errors.
 def _parser(parse: Callable[[Any], Any], expected: str) -> Callable[[Any], Any]:
+    """`parse` (a function of its own: this sets an attribute on it) saying what it expects."""
     parse.expected = expected
     return parse
 
@@ -176,7 +177,9 @@ STAGES = {
         Stage(
             "import_run",
             "a checkpoint trained elsewhere as a run's model.pt",
-            _parser(config.run_spec_from_dict, "RunSpec: JSON of the imported run"),
+            _parser(
+                lambda value: config.run_spec_from_dict(value), "RunSpec: JSON of the imported run"
+            ),
             {"data": "{input.data}", "out": "{output.model}"},
         ),
         Stage(
